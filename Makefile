@@ -1,0 +1,32 @@
+# Every target bootstraps .venv on first use (idempotent: a stamp file records the installed state).
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+# torch 2.13.0 resolves to the CPU wheel this machine provides; installing it before the package keeps
+# pip from pulling the CUDA build for the `torch` requirement.
+TORCH   := torch==2.13.0
+
+.PHONY: venv run test bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q $(TORCH)
+	$(VPY) -m pip install -q -e '.[test]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+run: venv
+	$(VENV)/bin/kvstore demo
+
+test: venv
+	$(VPY) -m pytest -q
+
+bench: venv
+	$(VENV)/bin/kvstore bench tiers --json
+	$(VENV)/bin/kvstore bench lookup --json
+
+clean:
+	rm -rf $(VENV) build *.egg-info
