@@ -1,0 +1,115 @@
+"""Chunk geometry and the canonical in-chunk layout.
+
+A chunk holds the KV of ``tokens`` consecutive tokens for every layer of one model rank. Its canonical
+layout (the order of the raw payload) is C-contiguous ``[layers, planes, tokens, heads, head_dim]``:
+``planes`` is 2 (K then V) for ordinary attention and 1 for MLA (one latent vector per token; then
+``heads`` is 1 and ``head_dim`` the latent width). Token-major inside each plane makes a run of tokens
+one contiguous span per (layer, plane), which is what paged engine layouts gather from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InvalidArgument
+
+# Stable numeric ids for the wire/disk header. Never renumber; append only.
+DTYPES: dict[str, tuple[int, torch.dtype]] = {
+    "float32": (1, torch.float32),
+    "float16": (2, torch.float16),
+    "bfloat16": (3, torch.bfloat16),
+    "float8_e4m3fn": (4, torch.float8_e4m3fn),
+    "float8_e5m2": (5, torch.float8_e5m2),
+    "uint8": (6, torch.uint8),
+}
+DTYPE_BY_ID = {num: name for name, (num, _) in DTYPES.items()}
+_NAME_BY_TORCH = {tdt: name for name, (_, tdt) in DTYPES.items()}
+
+
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """Normalise a torch dtype or a name ('bf16', 'bfloat16', torch.bfloat16) to our canonical name."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _NAME_BY_TORCH:
+            raise InvalidArgument(f"unsupported KV dtype {dtype}")
+        return _NAME_BY_TORCH[dtype]
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+               "float": "float32", "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn",
+               "fp8_e5m2": "float8_e5m2"}
+    name = aliases.get(str(dtype), str(dtype).removeprefix("torch."))
+    if name not in DTYPES:
+        raise InvalidArgument(f"unsupported KV dtype {dtype!r}; known: {sorted(DTYPES)}")
+    return name
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return DTYPES[dtype_name(name)][1]
+
+
+def dtype_itemsize(name: str) -> int:
+    return torch.empty((), dtype=torch_dtype(name)).element_size()
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Shape of one chunk: ``[layers, planes, tokens, heads, head_dim]`` of ``dtype``."""
+
+    layers: int
+    heads: int
+    head_dim: int
+    tokens: int = 256
+    planes: int = 2
+    dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", dtype_name(self.dtype))
+        for field in ("layers", "heads", "head_dim", "tokens"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value <= 0 or value >= 1 << 31:
+                raise InvalidArgument(f"geometry.{field} must be a positive int, got {value!r}")
+        if self.planes not in (1, 2):
+            raise InvalidArgument(f"geometry.planes must be 2 (K,V) or 1 (MLA), got {self.planes!r}")
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        return (self.layers, self.planes, self.tokens, self.heads, self.head_dim)
+
+    @property
+    def numel(self) -> int:
+        return self.layers * self.planes * self.tokens * self.heads * self.head_dim
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the raw (uncompressed) payload."""
+        return self.numel * dtype_itemsize(self.dtype)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype)
+
+    @classmethod
+    def parse(cls, text: str) -> "Geometry":
+        """Parse ``layers=30,heads=3,head_dim=64,tokens=256,dtype=bf16[,planes=2]`` (CLI form)."""
+        fields: dict[str, object] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            name, sep, value = part.partition("=")
+            if not sep:
+                raise InvalidArgument(f"geometry item {part!r} is not name=value")
+            if name == "dtype":
+                fields[name] = value
+            elif name in ("layers", "heads", "head_dim", "tokens", "planes"):
+                try:
+                    fields[name] = int(value)
+                except ValueError:
+                    raise InvalidArgument(f"geometry.{name} must be an int, got {value!r}") from None
+            else:
+                raise InvalidArgument(f"unknown geometry field {name!r}")
+        try:
+            return cls(**fields)  # type: ignore[arg-type]
+        except TypeError as exc:
+            raise InvalidArgument(f"incomplete geometry {text!r}: {exc}") from None
+
+
+# SmolLM2-135M: 30 layers, 3 KV heads, head size 64, bf16 — the default benchmark geometry.
+SMOLLM2_135M = Geometry(layers=30, heads=3, head_dim=64, tokens=256, dtype="bfloat16")
