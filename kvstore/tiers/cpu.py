@@ -1,0 +1,89 @@
+"""CPU tier: one shared-memory arena per node that the agent and every client process map.
+
+The arena is a file under `shm_dir` (tmpfs). Client processes map the same file, so a chunk moves
+between an engine's memory and the store with one memcpy, and a reader can view a pinned chunk in
+place. The file is unlinked when the agent stops (and a stale one from a killed agent is replaced).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+
+from ..config import CpuConfig
+from ..errors import ConfigError
+from .memory import MemoryTier
+
+PAGE = 4096
+
+
+def map_arena(path: str, nbytes: int, populate: bool) -> mmap.mmap:
+    """Map an arena file shared and writable; `populate` pre-faults its pages into this process."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate and hasattr(mmap, "MAP_POPULATE") else 0)
+        return mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+
+
+class ShmArena:
+    """A tmpfs file of `capacity` bytes, mapped shared."""
+
+    def __init__(self, capacity: int, shm_dir: str, prefault: bool, name: str | None = None):
+        if capacity < PAGE:
+            raise ConfigError(f"cpu.arena_bytes: {capacity} is below one page")
+        directory = Path(shm_dir)
+        if not directory.is_dir():
+            raise ConfigError(f"cpu.shm_dir: {shm_dir} is not a directory")
+        self.capacity = capacity
+        self.path = str(directory / (name or f"kvstore-arena-{os.getpid()}-{secrets.token_hex(4)}"))
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            if prefault:
+                # Allocate every page now: a full tmpfs fails here with a clear error instead of SIGBUS later.
+                try:
+                    os.posix_fallocate(fd, 0, capacity)
+                except OSError as exc:
+                    os.unlink(self.path)
+                    raise ConfigError(f"cpu.arena_bytes: cannot allocate {capacity} bytes in {shm_dir}: {exc}")
+            else:
+                os.ftruncate(fd, capacity)
+        finally:
+            os.close(fd)
+        self.mmap = map_arena(self.path, capacity, populate=prefault)
+        self.array = np.frombuffer(self.mmap, dtype=np.uint8)
+        self._closed = False
+
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        return memoryview(self.mmap)[offset:offset + nbytes]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.array = None
+        try:
+            self.mmap.close()
+        except BufferError:
+            pass  # a view is still alive somewhere; the mapping goes with the process
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class CpuTier(MemoryTier):
+    """The shared-memory arena tier."""
+
+    def __init__(self, cfg: CpuConfig, capacity: int, on_evict=None):
+        self.arena = ShmArena(capacity, cfg.shm_dir, cfg.prefault)
+        super().__init__("cpu", self.arena, cfg.slab_bytes, cfg.policy, on_evict)
+
+    @property
+    def arena_path(self) -> str:
+        return self.arena.path

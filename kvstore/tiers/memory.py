@@ -1,0 +1,229 @@
+"""A tier of chunks held in one byte region: the logic shared by the CPU arena and the GPU pool.
+
+It keeps the index (key -> entry id), each entry's slot, size, namespace id, pin count and flags in
+numpy arrays (a few bytes per entry), a slab pool for space and an eviction policy for order. What
+backs the region (shared memory, a device tensor) is the `backing` object's business.
+
+Invariants:
+- an entry with pins > 0 is never evicted or removed by eviction;
+- a slot is in exactly one of: free in the pool, reserved by a caller (not indexed), or indexed;
+- `used_bytes` counts slots handed out (indexed or reserved).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from ..errors import CapacityExhausted, ChunkTooLarge
+from .policy import make_policy
+from .slab import SlabPool
+
+FLAG_ON_DISK = 0x01  # a durable copy exists on the disk tier
+FLAG_QUEUED = 0x02  # waiting for write-behind (and pinned for it)
+
+_UNHELPFUL_EVICTIONS = 32  # evictions of other classes before freeing a whole slab instead
+
+
+class Backing(Protocol):
+    capacity: int
+
+    def view(self, offset: int, nbytes: int): ...
+
+    def close(self) -> None: ...
+
+
+class MemoryTier:
+    """put / get / contains / evict over slab slots in `backing`. Thread-safe behind one lock."""
+
+    def __init__(self, name: str, backing: Backing, slab_bytes: int, policy: str = "lru",
+                 on_evict: Callable[[list[bytes]], None] | None = None):
+        self.name = name
+        self.backing = backing
+        self.pool = SlabPool(backing.capacity, slab_bytes)
+        self.policy = make_policy(policy)
+        self.on_evict = on_evict
+        self.lock = threading.RLock()
+        self._index: dict[bytes, int] = {}
+        self._keys: list[bytes | None] = []
+        self._free_eids: list[int] = []
+        self._offset = np.zeros(1024, dtype=np.int64)
+        self._nbytes = np.zeros(1024, dtype=np.int64)
+        self._pins = np.zeros(1024, dtype=np.int32)
+        self._ns = np.zeros(1024, dtype=np.uint32)
+        self._flags = np.zeros(1024, dtype=np.uint8)
+        self.stored_bytes = 0  # bytes of indexed chunks (not slots)
+        self.evictions = 0
+
+    # ---- space -----------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self.pool.capacity
+
+    def allocate(self, nbytes: int) -> int:
+        """Reserve a slot for `nbytes`, evicting unpinned entries as needed; returns its offset."""
+        if nbytes > self.pool.max_alloc:
+            raise ChunkTooLarge(f"{self.name}: a {nbytes}-byte chunk exceeds the largest slot "
+                                f"({self.pool.max_alloc} bytes; raise the tier's slab_bytes)")
+        with self.lock:
+            unhelpful = 0
+            while (offset := self.pool.alloc(nbytes)) is None:
+                victim = self.policy.next_victim(self._evictable)
+                if victim is None:
+                    raise CapacityExhausted(f"{self.name}: no space for {nbytes} bytes: every entry is "
+                                            f"pinned, reserved or queued for disk")
+                if unhelpful >= _UNHELPFUL_EVICTIONS:
+                    self._evict_slab(self.pool.slab_of(int(self._offset[victim])))
+                    unhelpful = 0
+                else:
+                    self._evict([victim])
+                    unhelpful += 1
+            return offset
+
+    def release_slot(self, offset: int) -> None:
+        """Give back a slot from `allocate` that was never indexed."""
+        with self.lock:
+            self.pool.free(offset)
+
+    def _evictable(self, eid: int) -> bool:
+        return self._keys[eid] is not None and self._pins[eid] == 0
+
+    def _evict_slab(self, slab: int) -> None:
+        live = np.flatnonzero((self._offset // self.pool.slab_bytes == slab) & (self._pins == 0))
+        self._evict([int(e) for e in live if self._keys[int(e)] is not None])
+
+    def _evict(self, eids: Sequence[int]) -> None:
+        keys = [self._remove(eid) for eid in eids]
+        self.evictions += len(keys)
+        if keys and self.on_evict:
+            self.on_evict(keys)
+
+    # ---- index -----------------------------------------------------------------------------------
+    def _grow(self, eid: int) -> None:
+        if eid < self._offset.size:
+            return
+        size = self._offset.size * 2
+        for name in ("_offset", "_nbytes", "_pins", "_ns", "_flags"):
+            old = getattr(self, name)
+            new = np.zeros(size, dtype=old.dtype)
+            new[: old.size] = old
+            setattr(self, name, new)
+
+    def insert(self, key: bytes, offset: int, nbytes: int, ns_id: int, flags: int = 0) -> bool:
+        """Index an allocated slot under `key`. If `key` is already indexed the slot is freed and False
+        is returned (first writer wins: both wrote the same prefix)."""
+        with self.lock:
+            if key in self._index:
+                self.pool.free(offset)
+                return False
+            if self._free_eids:
+                eid = self._free_eids.pop()
+                self._keys[eid] = key
+            else:
+                eid = len(self._keys)
+                self._keys.append(key)
+                self._grow(eid)
+            self._index[key] = eid
+            self._offset[eid] = offset
+            self._nbytes[eid] = nbytes
+            self._pins[eid] = 0
+            self._ns[eid] = ns_id
+            self._flags[eid] = flags
+            self.stored_bytes += nbytes
+            self.policy.inserted(eid, key)
+            return True
+
+    def _remove(self, eid: int) -> bytes:
+        key = self._keys[eid]
+        assert key is not None and self._pins[eid] == 0
+        del self._index[key]
+        self._keys[eid] = None
+        self._free_eids.append(eid)
+        self.pool.free(int(self._offset[eid]))
+        self.stored_bytes -= int(self._nbytes[eid])
+        self.policy.removed(eid)
+        return key
+
+    def find(self, keys: Sequence[bytes]) -> np.ndarray:
+        """Entry ids of `keys` (-1 where absent), one dict probe per key."""
+        get = self._index.get
+        with self.lock:
+            return np.fromiter((get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+
+    def contains(self, keys: Sequence[bytes]) -> np.ndarray:
+        return self.find(keys) >= 0
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def entry(self, eid: int) -> tuple[bytes, int, int, int, int]:
+        """(key, offset, nbytes, namespace id, flags) of a live entry."""
+        return (self._keys[eid], int(self._offset[eid]), int(self._nbytes[eid]), int(self._ns[eid]),
+                int(self._flags[eid]))
+
+    def slots(self, eids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(offsets, nbytes, namespace ids) for live entries, vectorised."""
+        return self._offset[eids], self._nbytes[eids], self._ns[eids]
+
+    def touch(self, eids: np.ndarray) -> None:
+        with self.lock:
+            self.policy.touched(eids)
+
+    def pin(self, eids: np.ndarray) -> None:
+        with self.lock:
+            np.add.at(self._pins, eids, 1)
+
+    def unpin(self, eids: np.ndarray) -> None:
+        with self.lock:
+            np.add.at(self._pins, eids, -1)
+            if (self._pins[eids] < 0).any():
+                raise AssertionError(f"{self.name}: pin count below zero")
+
+    def set_flags(self, eid: int, set_bits: int = 0, clear_bits: int = 0) -> None:
+        with self.lock:
+            self._flags[eid] = (int(self._flags[eid]) | set_bits) & ~clear_bits
+
+    def remove(self, keys: Sequence[bytes]) -> tuple[int, int]:
+        """Remove unpinned `keys`; returns (removed, skipped because pinned)."""
+        removed = skipped = 0
+        with self.lock:
+            for eid in self.find(keys):
+                if eid < 0:
+                    continue
+                if self._pins[eid]:
+                    skipped += 1
+                else:
+                    self._remove(int(eid))
+                    removed += 1
+        return removed, skipped
+
+    def keys_in_namespaces(self, ns_ids: Sequence[int]) -> list[bytes]:
+        with self.lock:
+            n = len(self._keys)
+            hit = np.flatnonzero(np.isin(self._ns[:n], np.asarray(ns_ids, dtype=np.uint32)))
+            return [k for k in (self._keys[int(e)] for e in hit) if k is not None]
+
+    def live_entries(self) -> list[int]:
+        with self.lock:
+            return [eid for eid, key in enumerate(self._keys) if key is not None]
+
+    def stats(self) -> dict[str, int]:
+        with self.lock:
+            n = len(self._keys)
+            pinned = self._pins[:n] > 0
+            return {
+                "chunks": len(self._index),
+                "stored_bytes": self.stored_bytes,
+                "used_bytes": self.pool.used_bytes,
+                "capacity_bytes": self.capacity,
+                "pinned_bytes": int(self._nbytes[:n][pinned].sum()),
+                "evictions": self.evictions,
+            }
+
+    def view(self, offset: int, nbytes: int):
+        return self.backing.view(offset, nbytes)
+
+    def close(self) -> None:
+        self.backing.close()
