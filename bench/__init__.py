@@ -1,0 +1,75 @@
+"""Benchmarks run by `kvstore bench NAME` (method: docs/benchmarks.md).
+
+Each one starts its own agent in a separate process (as in production: the client is another process),
+measures its baseline in the same run, prints logs on stderr and returns one dict of numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import yaml
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def agent_process(settings: dict, workdir: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A `kvstore serve` subprocess with `settings` (dotted keys); yields (socket path, process)."""
+    socket_path = str(Path(workdir) / "agent.sock")
+    config = {"agent": {"socket_path": socket_path}}
+    for dotted, value in settings.items():
+        section, _, key = dotted.rpartition(".")
+        (config.setdefault(section, {}) if section else config)[key] = value
+    config_path = Path(workdir) / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
+    proc = subprocess.Popen([sys.executable, "-m", "kvstore.cli", "serve", "--config", str(config_path)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(socket_path):
+            if proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {proc.returncode}: {proc.stderr.read()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("agent did not start within 120 s")
+            time.sleep(0.05)
+        yield socket_path, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def bench_dir(args: argparse.Namespace) -> str:
+    """A scratch directory on the filesystem the disk tier uses by default (~/.cache)."""
+    from kvstore.config import default_cache_dir
+
+    base = args.dir or str(Path(default_cache_dir()).parent)
+    Path(base).mkdir(parents=True, exist_ok=True)
+    return tempfile.mkdtemp(prefix="kvstore-bench-", dir=base)
+
+
+def run_benchmark(name: str, args: argparse.Namespace) -> dict:
+    if name == "tiers":
+        from .tiers import run
+    elif name == "lookup":
+        from .lookup import run
+    else:
+        raise ValueError(f"unknown benchmark {name}")
+    return run(args)

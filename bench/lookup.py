@@ -1,0 +1,123 @@
+"""`kvstore bench lookup`: prefix-lookup latency from a client process, at 10^3 and 10^6 indexed chunks.
+
+The agent runs in its own process with the disk tier off. Chunks are really stored (reserve, write,
+commit) with a tiny geometry so that a million of them fit in a small arena; the index does not care
+how big a chunk is. One lookup = the 128 keys of a stored prompt sent in one request, answered with
+the matched prefix and the tier of each chunk. Keys are computed before the timed loop (an engine
+hashes while it schedules); `hash_us_128` reports that cost separately.
+
+index_bytes_per_chunk is the growth of the agent's anonymous resident memory (RssAnon: its private
+heap, not the shared arena) while the 10^6 chunks were inserted, divided by their number.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+import torch
+
+from kvstore.client import LocalClient
+from kvstore.keys import Namespace
+from kvstore.layout import Geometry
+
+from . import agent_process, bench_dir, log
+
+PREFIX_CHUNKS = 128
+TINY = Geometry(layers=1, heads=1, head_dim=8, tokens=16, planes=1, dtype="float16")  # 256-byte payload
+PUT_BATCH = 4096
+SAMPLES = 3000
+
+
+def _rss_anon(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc status")
+
+
+def _populate(client: LocalClient, first_prompt: int, prompts: int) -> None:
+    """Store `prompts` distinct 128-chunk prompts (prompt p = tokens p*2^20 ...)."""
+    payload = torch.zeros((PUT_BATCH, *TINY.shape), dtype=TINY.torch_dtype)
+    per_batch = PUT_BATCH // PREFIX_CHUNKS
+    for p in range(first_prompt, first_prompt + prompts, per_batch):
+        count = min(per_batch, first_prompt + prompts - p)
+        keys = []
+        for q in range(p, p + count):
+            keys += client.keys(_prompt_tokens(q))
+        result = client.put(keys, payload[: len(keys)])
+        if result.stored != len(keys):
+            raise RuntimeError(f"populate stored {result.stored} of {len(keys)}: {result}")
+
+
+def _prompt_tokens(p: int) -> np.ndarray:
+    return np.arange(PREFIX_CHUNKS * TINY.tokens, dtype=np.int64) + p * (1 << 20)
+
+
+def _measure(client: LocalClient, prompts: int, rng: np.random.Generator) -> tuple[float, float]:
+    picks = rng.integers(0, prompts, size=SAMPLES)
+    key_sets = [client.keys(_prompt_tokens(int(p))) for p in picks[:256]]
+    for keys in key_sets[:50]:  # warm-up
+        client.lookup(keys)
+    latencies = np.empty(SAMPLES)
+    for i in range(SAMPLES):
+        keys = key_sets[i % len(key_sets)]
+        start = time.perf_counter()
+        hit = client.lookup(keys)
+        latencies[i] = time.perf_counter() - start
+        if hit.chunks != PREFIX_CHUNKS:
+            raise AssertionError(f"lookup found {hit.chunks} of {PREFIX_CHUNKS} stored chunks")
+    return float(np.percentile(latencies, 50) * 1e6), float(np.percentile(latencies, 99) * 1e6)
+
+
+def run(args) -> dict:
+    sizes = [int(float(s)) for s in args.sizes.split(",")]
+    workdir = bench_dir(args)
+    namespace = Namespace(model="bench-lookup", chunk_tokens=TINY.tokens, kv_dtype=TINY.dtype)
+    largest = max(sizes)
+    arena = max(256 << 20, int(largest * 448 * 1.1))
+    result: dict = {"prefix_chunks": PREFIX_CHUNKS}
+    rng = np.random.default_rng(0)
+    try:
+        settings = {"cpu.arena_bytes": arena, "cpu.slab_bytes": 4 << 20, "disk.enabled": False,
+                    "agent.max_batch_chunks": PUT_BATCH}
+        with agent_process(settings, workdir) as (socket_path, proc):
+            with LocalClient(namespace, TINY, socket_path=socket_path, timeout=120) as client:
+                stored_prompts = 0
+                rss_before = _rss_anon(proc.pid)
+                for size in sorted(sizes):
+                    prompts = size // PREFIX_CHUNKS
+                    log(f"indexing {prompts * PREFIX_CHUNKS} chunks")
+                    _populate(client, stored_prompts, prompts - stored_prompts)
+                    stored_prompts = prompts
+                    p50, p99 = _measure(client, prompts, rng)
+                    label = _label(size)
+                    result[f"p50_us_{label}"] = round(p50, 1)
+                    result[f"p99_us_{label}"] = round(p99, 1)
+                    result[f"chunks_indexed_{label}"] = client.stats()["tiers"]["cpu"]["chunks"]
+                    log(f"{label}: p50 {p50:.1f} us, p99 {p99:.1f} us")
+                chunks = client.stats()["tiers"]["cpu"]["chunks"]
+                result["index_bytes_per_chunk"] = round((_rss_anon(proc.pid) - rss_before) / chunks, 1)
+                start = time.perf_counter()
+                for p in range(200):
+                    client.keys(_prompt_tokens(p))
+                result["hash_us_128"] = round((time.perf_counter() - start) / 200 * 1e6, 1)
+        top = _label(largest)
+        result["p50_us"] = result[f"p50_us_{top}"]
+        result["p99_us"] = result[f"p99_us_{top}"]
+        if len(sizes) > 1:
+            low = _label(min(sizes))
+            result["p50_ratio_largest_vs_smallest"] = round(result[f"p50_us_{top}"] / result[f"p50_us_{low}"], 3)
+        return result
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _label(size: int) -> str:
+    if size >= 1_000_000 and size % 1_000_000 == 0:
+        return f"{size // 1_000_000}m"
+    if size >= 1000 and size % 1000 == 0:
+        return f"{size // 1000}k"
+    return str(size)

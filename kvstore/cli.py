@@ -1,0 +1,147 @@
+"""The `kvstore` command line.
+
+    kvstore serve [--config FILE] [--set key=value ...]   run the node agent (embedded defaults need nothing)
+    kvstore stats [--output json]                          what the local agent holds
+    kvstore config show [--config FILE] [--set ...]        the effective configuration
+    kvstore bench tiers|lookup [--json] [...]              benchmarks (docs/benchmarks.md)
+    kvstore demo                                           start an agent and play a chat workload
+
+Exit codes: 0 ok, 1 runtime failure (agent unreachable, ...), 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .config import config_to_dict, load_config, resolve_auto
+from .errors import AgentUnavailable, ConfigError, KVStoreError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML config file (default: $KVSTORE_CONFIG)")
+    parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                        help="override one option, e.g. --set cpu.arena_bytes=4GiB (repeatable)")
+
+
+def _load(args) -> "object":
+    return load_config(args.config, overrides=args.set)
+
+
+def cmd_serve(args) -> int:
+    from .node import run_agent
+
+    cfg = resolve_auto(_load(args))
+    logging.basicConfig(level=cfg.agent.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_agent(cfg, ready=lambda server: print(f"kvstore agent ready on {server.socket_path}",
+                                              file=sys.stderr, flush=True))
+    return EXIT_OK
+
+
+def cmd_stats(args) -> int:
+    from .protocol import PROTOCOL_VERSION
+    from .stats import agent_stats, render_stats
+
+    cfg = _load(args)
+    stats = agent_stats(cfg.socket_path, PROTOCOL_VERSION)
+    if args.output == "json":
+        print(json.dumps(stats, default=str))
+    else:
+        render_stats(stats)
+    return EXIT_OK
+
+
+def cmd_config(args) -> int:
+    import yaml
+
+    cfg = _load(args)
+    if args.resolved:
+        cfg = resolve_auto(cfg)
+    data = config_to_dict(cfg)
+    print(json.dumps(data, indent=2) if args.output == "json" else yaml.safe_dump(data, sort_keys=False), end="")
+    return EXIT_OK
+
+
+def cmd_bench(args) -> int:
+    from bench import run_benchmark
+
+    result = run_benchmark(args.name, args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>24}: {value}")
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvstore", description="Tiered KV-cache store for LLM serving.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the node agent in the foreground (SIGINT/SIGTERM stop it)",
+                           description="Run the node agent. With no configuration it sizes the shared-memory "
+                                       "arena from free memory, keeps an SSD tier under ~/.cache/kvstore and "
+                                       "listens on a Unix socket in $XDG_RUNTIME_DIR (or /tmp).")
+    _add_config_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    stats = sub.add_parser("stats", help="show what the local agent holds")
+    _add_config_args(stats)
+    stats.add_argument("--output", choices=["table", "json"], default="table")
+    stats.set_defaults(func=cmd_stats)
+
+    config = sub.add_parser("config", help="show the effective configuration")
+    config.add_argument("action", choices=["show"])
+    _add_config_args(config)
+    config.add_argument("--resolved", action="store_true", help="replace auto sizes by their values here")
+    config.add_argument("--output", choices=["yaml", "json"], default="yaml")
+    config.set_defaults(func=cmd_config)
+
+    bench = sub.add_parser("bench", help="run a benchmark (docs/benchmarks.md)")
+    bench.add_argument("name", choices=["tiers", "lookup"])
+    bench.add_argument("--json", action="store_true", help="print one JSON object on stdout (logs on stderr)")
+    bench.add_argument("--geometry", default="layers=30,heads=3,head_dim=64,tokens=256,dtype=bf16",
+                       help="chunk geometry for `tiers` (default: SmolLM2-135M, 256 tokens, bf16)")
+    bench.add_argument("--chunks", type=int, default=0, help="chunks per measurement (0: automatic)")
+    bench.add_argument("--dir", default=None, help="directory for the disk tier (default: under ~/.cache)")
+    bench.add_argument("--sizes", default="1000,1000000", help="`lookup`: index sizes to measure")
+    bench.set_defaults(func=cmd_bench)
+
+    demo = sub.add_parser("demo", help="start an agent and play a multi-round chat workload through it")
+    demo.add_argument("--users", type=int, default=6)
+    demo.add_argument("--rounds", type=int, default=5)
+    demo.add_argument("--arena", default="384MiB", help="arena size: smaller than the working set on purpose")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"kvstore: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except AgentUnavailable as exc:
+        print(f"kvstore: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KVStoreError as exc:
+        print(f"kvstore: {exc.code}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""LocalClient: the engine-side API of the node agent.
+
+Control goes over the agent's Unix socket, one round trip per request (not per chunk); data moves
+through the shared-memory arena that the client maps: a put is one copy of each chunk into its slot
+(a strided source is gathered straight into place), a get is one copy out of it (or none, with
+`acquire`, which hands out views that stay valid until released).
+
+    client = LocalClient(namespace=Namespace(model="SmolLM2-135M"), geometry=SMOLLM2_135M)
+    keys = client.keys(tokens)
+    client.put(keys, kv_chunks)                 # kv_chunks: [n, layers, planes, tokens, heads, head_dim]
+    hit = client.lookup(tokens)                 # longest stored prefix, per-chunk tier
+    got = client.get(keys[: hit.chunks])        # or client.get(keys, out=buffer)
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from . import codec
+from .bytecopy import copy_tensor
+from .codec import HEADER_BYTES, ChunkHeader
+from .config import KVStoreConfig, load_config
+from .errors import AgentUnavailable, CorruptChunk, InvalidArgument, LeaseExpired
+from .keys import ChunkKey, Namespace, chunk_keys
+from .layout import Geometry
+from .node import RESERVE_EXISTS, RESERVE_NO_SPACE, TIER_NAMES, _geometry_wire
+from .protocol import NO_REPLY, PROTOCOL_VERSION, ConnectionClosed, pack, raise_for_reply, read_frame
+from .tiers.cpu import map_arena
+
+_LEASE_MARGIN_S = 1.0  # stop touching a slot this long before the agent may reclaim it
+
+
+def _lease_deadline(sent: float, ttl: float) -> float:
+    """When this client must stop touching slots granted by a request sent at `sent` (monotonic)."""
+    return sent + ttl - min(_LEASE_MARGIN_S, ttl / 4)
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    chunks: int  # stored chunks from the start of the prompt
+    tokens: int  # chunks * chunk_tokens
+    tiers: tuple[str, ...]  # tier of each matched chunk
+
+
+@dataclass(frozen=True)
+class PutResult:
+    stored: int  # newly stored chunks
+    existing: int  # already stored (or being stored by another client): nothing written
+    no_space: int  # dropped: nothing evictable in the arena
+    errors: tuple[tuple[int, str, str], ...] = ()  # (index, code, message) of rejected chunks
+
+
+class AgentConnection:
+    """The socket to the node agent and the arena mapping; knows nothing of namespaces.
+
+    Every call has a deadline (`timeout`); a transport failure closes the connection, raises
+    AgentUnavailable, and the next call reconnects.
+    """
+
+    def __init__(self, socket_path: str | None = None, timeout: float = 10.0, cfg: KVStoreConfig | None = None,
+                 on_connect=None):
+        self.socket_path = socket_path or (cfg or load_config()).socket_path
+        self.timeout = timeout
+        self.on_connect = on_connect  # called after every (re)connect, e.g. to register namespaces
+        self._sock: socket.socket | None = None
+        self._arena_path: str | None = None
+        self.connect()
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError as exc:
+            sock.close()
+            raise AgentUnavailable(f"no kvstore agent at {self.socket_path} ({exc}); start one with "
+                                   f"`kvstore serve`") from None
+        self._sock = sock
+        self._rfile = sock.makefile("rb", buffering=1 << 16)
+        hello = self.call("hello", {"version": PROTOCOL_VERSION})
+        if self._arena_path != hello["arena_path"]:
+            self._mmap = map_arena(hello["arena_path"], hello["arena_bytes"], populate=hello["prefault"])
+            self.arena = torch.frombuffer(self._mmap, dtype=torch.uint8)
+            self._arena_path = hello["arena_path"]
+        self.lease_ttl_s = hello["lease_ttl_s"]
+        self.max_batch = hello["max_batch_chunks"]
+        self.agent_pid = hello["pid"]
+        if self.on_connect is not None:
+            self.on_connect(self)
+
+    def call(self, op: str, args: dict, timeout: float | None = None):
+        """One round trip (or a one-way message for NO_REPLY ops)."""
+        if self._sock is None:
+            self.connect()
+        assert self._sock is not None
+        try:
+            if timeout is not None:
+                self._sock.settimeout(timeout)
+            self._sock.sendall(pack([op, args]))
+            if op in NO_REPLY:
+                return None
+            reply = read_frame(self._rfile, 1 << 30)
+            if timeout is not None:
+                self._sock.settimeout(self.timeout)
+        except (OSError, ConnectionClosed) as exc:
+            self.close()
+            kind = "timed out" if isinstance(exc, socket.timeout) else f"failed ({exc})"
+            raise AgentUnavailable(f"agent call {op} {kind}") from None
+        return raise_for_reply(reply)
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._rfile.close()  # the buffered reader holds the fd open too
+                self._sock.close()
+            finally:
+                self._sock = None
+
+
+class LocalClient:
+    """The node agent, seen from one namespace and chunk geometry."""
+
+    def __init__(self, namespace: Namespace, geometry: Geometry, codec_name: str = "raw",
+                 socket_path: str | None = None, timeout: float = 10.0, cfg: KVStoreConfig | None = None):
+        if geometry.tokens != namespace.chunk_tokens:
+            raise InvalidArgument(f"geometry.tokens ({geometry.tokens}) must equal namespace.chunk_tokens "
+                                  f"({namespace.chunk_tokens})")
+        codec.codec_id(codec_name)  # unknown codec: fail now, not at the first put
+        if codec_name in ("int8", "int4") and geometry.dtype not in ("float32", "float16", "bfloat16"):
+            raise InvalidArgument(f"codec {codec_name} needs a floating KV dtype, not {geometry.dtype}")
+        self.namespace = namespace
+        self.geometry = geometry
+        self.codec = codec_name
+        self.conn = AgentConnection(socket_path, timeout, cfg, on_connect=self._register)
+
+    def _register(self, conn: AgentConnection) -> None:
+        conn.call("register", {"ns": self.namespace.digest, "geometry": _geometry_wire(self.geometry),
+                               "description": _describe(self.namespace)})
+
+    @property
+    def _arena(self) -> torch.Tensor:
+        return self.conn.arena
+
+    @property
+    def max_batch(self) -> int:
+        return self.conn.max_batch
+
+    def _call(self, op: str, args: dict, timeout: float | None = None):
+        return self.conn.call(op, args, timeout)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "LocalClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- keys and lookup -------------------------------------------------------------------------
+    def keys(self, tokens) -> list[ChunkKey]:
+        """Chunk keys of every full chunk of `tokens` in this client's namespace."""
+        return chunk_keys(self.namespace, tokens)
+
+    def _key_batches(self, keys: Sequence[bytes]) -> Iterator[tuple[int, bytes]]:
+        for start in range(0, len(keys), self.max_batch):
+            yield start, b"".join(keys[start:start + self.max_batch])
+
+    def lookup(self, tokens_or_keys) -> LookupResult:
+        """Longest run of stored chunks from the start: token ids, or keys from `keys()`."""
+        keys = _as_keys(self, tokens_or_keys)
+        matched, tiers = 0, b""
+        for _, blob in self._key_batches(keys):
+            reply = self._call("lookup", {"ns": self.namespace.digest, "keys": blob})
+            matched += reply["matched"]
+            tiers += reply["tiers"]
+            if reply["matched"] * 16 < len(blob):
+                break
+        return LookupResult(matched, matched * self.geometry.tokens, tuple(TIER_NAMES[t] for t in tiers))
+
+    def contains(self, keys: Sequence[bytes]) -> list[bool]:
+        out: list[bool] = []
+        for _, blob in self._key_batches(keys):
+            out.extend(t != 0 for t in self._call("contains", {"ns": self.namespace.digest, "keys": blob}))
+        return out
+
+    # ---- put -------------------------------------------------------------------------------------
+    def put(self, keys: Sequence[bytes], chunks: torch.Tensor | Sequence[torch.Tensor]) -> PutResult:
+        """Store `chunks[i]` (canonical layout, the geometry's shape and dtype) under `keys[i]`.
+        Chunks already stored are not written again."""
+        if isinstance(chunks, torch.Tensor) and chunks.dim() == len(self.geometry.shape):
+            chunks = chunks.unsqueeze(0)
+        if len(chunks) != len(keys):
+            raise InvalidArgument(f"{len(keys)} keys but {len(chunks)} chunks")
+        for chunk in chunks:
+            if tuple(chunk.shape) != self.geometry.shape or chunk.dtype != self.geometry.torch_dtype:
+                raise InvalidArgument(f"chunk of shape {tuple(chunk.shape)} {chunk.dtype}; this namespace "
+                                      f"holds {self.geometry.shape} {self.geometry.torch_dtype}")
+            if chunk.device.type != "cpu":
+                raise InvalidArgument("LocalClient.put takes CPU tensors (the GPU tier has its own path)")
+        totals = [0, 0, 0]
+        errors: list[tuple[int, str, str]] = []
+        for start in range(0, len(keys), self.max_batch):
+            stored, existing, no_space, errs = self._put_batch(keys[start:start + self.max_batch],
+                                                               chunks[start:start + self.max_batch])
+            totals = [totals[0] + stored, totals[1] + existing, totals[2] + no_space]
+            errors.extend((start + i, code, msg) for i, code, msg in errs)
+        return PutResult(*totals, errors=tuple(errors))
+
+    def _put_batch(self, keys, chunks):
+        if self.codec == "raw":
+            payloads = [None] * len(keys)
+            sizes = [HEADER_BYTES + self.geometry.nbytes] * len(keys)
+            group = 0
+        else:
+            encoded = [codec.encode(chunk, self.codec) for chunk in chunks]
+            payloads = [p for p, _ in encoded]
+            group = encoded[0][1] if encoded else 0
+            sizes = [HEADER_BYTES + p.numel() for p in payloads]
+        sent = time.monotonic()
+        reply = self._call("reserve", {"ns": self.namespace.digest, "keys": b"".join(keys), "sizes": sizes})
+        offsets = reply["offsets"]
+        deadline = _lease_deadline(sent, reply["ttl"])
+        existing = sum(1 for o in offsets if o == RESERVE_EXISTS)
+        no_space = sum(1 for o in offsets if o == RESERVE_NO_SPACE)
+        if existing + no_space == len(keys):
+            return 0, existing, no_space, []
+        for i, offset in enumerate(offsets):
+            if offset < 0:
+                continue
+            if time.monotonic() > deadline:  # the agent may hand this slot to someone else now
+                self._call("abort", {"rid": reply["rid"]})
+                raise LeaseExpired("reservation expired before the chunks were written")
+            payload_len = sizes[i] - HEADER_BYTES
+            header = ChunkHeader(codec=self.codec, geometry=self.geometry, payload_len=payload_len,
+                                 namespace=self.namespace.digest, key=keys[i], group=group)
+            self._arena[offset:offset + HEADER_BYTES].numpy()[:] = memoryview(header.pack())
+            dst = self._arena[offset + HEADER_BYTES:offset + sizes[i]]
+            if payloads[i] is None:  # raw: gather the (possibly strided) chunk straight into its slot
+                copy_tensor(dst.view(self.geometry.torch_dtype).view(self.geometry.shape), chunks[i])
+            else:
+                copy_tensor(dst, payloads[i])
+        result = self._call("commit", {"rid": reply["rid"]})
+        return result["stored"], existing, no_space, [tuple(e) for e in result["errors"]]
+
+    # ---- get -------------------------------------------------------------------------------------
+    @contextmanager
+    def acquire(self, keys: Sequence[bytes], prefix: bool = True) -> Iterator[list[tuple[ChunkHeader, torch.Tensor]]]:
+        """Pin the stored chunks among `keys` and yield (header, payload view) for each hit, in order
+        (with `prefix`, up to the first miss). The views are only valid inside the `with` block."""
+        if len(keys) > self.max_batch:
+            raise InvalidArgument(f"acquire takes at most {self.max_batch} keys at once")
+        sent = time.monotonic()
+        reply = self._call("acquire", {"ns": self.namespace.digest, "keys": b"".join(keys), "prefix": prefix})
+        self.last_miss_reasons = reply["reasons"]
+        try:
+            views = []
+            for i, (offset, size) in enumerate(zip(reply["offsets"], reply["sizes"])):
+                if offset < 0:
+                    continue
+                header = ChunkHeader.unpack(self._arena[offset:offset + HEADER_BYTES].numpy())
+                if header.key != keys[i] or header.total_len != size:
+                    raise CorruptChunk(f"arena slot of chunk {i} holds another chunk")
+                views.append((header, self._arena[offset + HEADER_BYTES:offset + size]))
+            yield views
+            if time.monotonic() > _lease_deadline(sent, reply["ttl"]):
+                raise LeaseExpired("lease expired while the chunks were being read; data discarded")
+        finally:
+            if self.conn.connected:
+                self._call("release", {"lid": reply["lid"]})
+
+    def get(self, keys: Sequence[bytes], out: torch.Tensor | None = None) -> torch.Tensor:
+        """The stored prefix of `keys` as a tensor [n, *geometry.shape] (n may be < len(keys)).
+        With `out` ([len(keys), *shape]) the chunks are decoded straight into it and out[:n] returned."""
+        if out is not None and (tuple(out.shape[1:]) != self.geometry.shape or out.shape[0] < len(keys)
+                                or out.dtype != self.geometry.torch_dtype):
+            raise InvalidArgument(f"out must be [>= {len(keys)}, *{self.geometry.shape}] "
+                                  f"{self.geometry.torch_dtype}")
+        results = []
+        for start in range(0, len(keys), self.max_batch):
+            batch = keys[start:start + self.max_batch]
+            with self.acquire(batch, prefix=True) as views:
+                if out is None:
+                    target = torch.empty((len(views), *self.geometry.shape), dtype=self.geometry.torch_dtype)
+                else:
+                    target = out[start:start + len(views)]
+                for i, (header, payload) in enumerate(views):
+                    codec.decode(header, payload, out=target[i])
+            results.append(target)
+            if len(views) < len(batch):
+                break
+        if out is not None:
+            return out[: sum(len(r) for r in results)]
+        return results[0] if len(results) == 1 else torch.cat(results)
+
+    # ---- management ------------------------------------------------------------------------------
+    def evict(self, keys: Sequence[bytes], tiers: Sequence[str] = ("cpu", "disk")) -> dict:
+        return self._call("evict", {"ns": self.namespace.digest, "keys": b"".join(keys), "tiers": list(tiers)})
+
+    def clear(self) -> dict:
+        """Remove every chunk of this client's namespace."""
+        return self._call("clear", {"ns": self.namespace.digest})
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Wait until write-behind has put every committed chunk on disk."""
+        return self._call("flush", {"timeout": timeout}, timeout=timeout + self.conn.timeout)["flushed"]
+
+    def stats(self) -> dict:
+        return self._call("stats", {})
+
+
+def _as_keys(client: LocalClient, tokens_or_keys) -> list[bytes]:
+    if isinstance(tokens_or_keys, (list, tuple)) and tokens_or_keys and isinstance(tokens_or_keys[0], bytes):
+        return list(tokens_or_keys)
+    return client.keys(tokens_or_keys)
+
+
+def _describe(ns: Namespace) -> dict:
+    return {"model": ns.model, "kv_dtype": ns.kv_dtype, "layout": ns.layout, "tp_rank": ns.tp_rank,
+            "tp_size": ns.tp_size, "pp_rank": ns.pp_rank, "pp_size": ns.pp_size, "tenant": ns.tenant,
+            "chunk_tokens": ns.chunk_tokens}

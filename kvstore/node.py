@@ -1,0 +1,798 @@
+"""The node agent: one process per node that owns the node's tiers and serves local clients.
+
+`NodeStore` is the policy layer over the tiers (the tiers themselves only put/get/contains/evict):
+namespaces and their geometry, reservations and leases (pins with a TTL, scoped to a connection),
+write-behind from the CPU arena to disk through a bounded queue, promotion from disk on a hit, and an
+optional admission filter. `AgentServer` speaks the local protocol (docs/local-protocol.md) over a Unix
+socket, one thread per connection; data never crosses the socket, only arena offsets.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import signal
+import socket
+import socketserver
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import codec
+from .codec import HEADER_BYTES, ChunkHeader
+from .config import KVStoreConfig, resolve_auto
+from .errors import (AgentUnavailable, CapacityExhausted, ChunkTooLarge, CorruptChunk, GeometryMismatch,
+                     InvalidArgument, KVStoreError, NotFound, ProtocolError)
+from .layout import Geometry
+from .protocol import NO_REPLY, PROTOCOL_VERSION, ConnectionClosed, error_reply, pack, read_frame, split_keys
+from .tiers.cpu import CpuTier
+from .tiers.disk import DiskTier
+from .tiers.memory import FLAG_ON_DISK, FLAG_QUEUED
+
+log = logging.getLogger("kvstore.agent")
+
+# Tier codes on the wire (docs/local-protocol.md).
+TIER_NONE, TIER_GPU, TIER_CPU, TIER_DISK, TIER_REMOTE = 0, 1, 2, 3, 4
+TIER_NAMES = {TIER_GPU: "gpu", TIER_CPU: "cpu", TIER_DISK: "disk", TIER_REMOTE: "remote"}
+
+# Reserve status codes (instead of an offset).
+RESERVE_EXISTS = -1  # already stored (or being written by someone else): nothing to write
+RESERVE_NO_SPACE = -2  # nothing evictable: everything is pinned, reserved or queued
+
+
+@dataclass
+class _NamespaceInfo:
+    ns_id: int
+    digest: bytes
+    geometry: Geometry
+    description: dict
+
+
+@dataclass
+class _Reservation:
+    conn: int
+    expiry: float
+    ns_id: int
+    items: list[tuple[int, bytes, int, int]]  # (index in request, key, offset, nbytes)
+
+
+@dataclass
+class _Lease:
+    conn: int
+    expiry: float
+    eids: np.ndarray
+
+
+@dataclass
+class _Counters:
+    values: Counter = field(default_factory=Counter)
+
+    def add(self, name: str, n: int = 1) -> None:
+        self.values[name] += n
+
+
+class NodeStore:
+    """All of a node's tiers behind one lock; every public method is one batched request."""
+
+    def __init__(self, cfg: KVStoreConfig):
+        self.cfg = cfg = resolve_auto(cfg)
+        self.counters = _Counters()
+        self.cpu = CpuTier(cfg.cpu, cfg.cpu.arena_bytes, on_evict=self._cpu_evicted)
+        self.lock = self.cpu.lock  # one lock for the store's metadata and the arena index
+        self.disk = DiskTier(cfg.disk, on_evict=self._disk_evicted) if cfg.disk.enabled else None
+        self._namespaces: dict[bytes, _NamespaceInfo] = {}
+        self._ns_by_id: list[_NamespaceInfo | None] = [None]  # id 0 = unknown (e.g. recovered, not registered)
+        self._reservations: dict[int, _Reservation] = {}
+        self._leases: dict[int, _Lease] = {}
+        self._ids = itertools.count(1)
+        self._inflight: set[bytes] = set()  # keys reserved but not committed
+        self._queue: deque[tuple[int, bytes]] = deque()  # write-behind (eid, key), entries pinned
+        self._queue_bytes = 0
+        self._writing: set[bytes] = set()
+        self._doomed: set[bytes] = set()  # deleted while being written: delete again once written
+        self._queue_cv = threading.Condition(self.lock)
+        self._stopping = False
+        self._threads = [threading.Thread(target=self._sweep_loop, name="kvstore-sweeper", daemon=True)]
+        if self.disk is not None:
+            self._recover_namespaces()
+            self._threads.append(threading.Thread(target=self._writer_loop, name="kvstore-writer", daemon=True))
+        for thread in self._threads:
+            thread.start()
+
+    # ---- namespaces ------------------------------------------------------------------------------
+    def register(self, digest: bytes, geometry: Geometry, description: dict | None = None) -> int:
+        """Declare a namespace and its chunk geometry; the first registration fixes the geometry."""
+        if not isinstance(digest, bytes) or len(digest) != 16:
+            raise InvalidArgument("namespace digest must be 16 bytes")
+        with self.lock:
+            info = self._namespaces.get(digest)
+            if info is None:
+                info = _NamespaceInfo(len(self._ns_by_id), digest, geometry, dict(description or {}))
+                self._namespaces[digest] = info
+                self._ns_by_id.append(info)
+            elif info.geometry != geometry:
+                raise GeometryMismatch(f"namespace {digest.hex()} holds chunks of {info.geometry}, "
+                                       f"not {geometry}")
+            elif description and not info.description:
+                info.description = dict(description)
+            return info.ns_id
+
+    def _namespace(self, digest: Any) -> _NamespaceInfo:
+        info = self._namespaces.get(digest) if isinstance(digest, bytes) else None
+        if info is None:
+            raise NotFound(f"namespace {digest.hex() if isinstance(digest, bytes) else digest!r} is not "
+                           f"registered on this agent (call register first)")
+        return info
+
+    def _recover_namespaces(self) -> None:
+        """Re-register namespaces found in the disk tier's headers (geometry comes from the header)."""
+        assert self.disk is not None
+        for key, ns, _ in self.disk.entries():
+            if ns not in self._namespaces:
+                try:
+                    record = bytearray(self.disk.record_nbytes(key) or 0)
+                    header = self.disk.read_into(key, memoryview(record))
+                except (NotFound, CorruptChunk):
+                    continue
+                self.register(ns, header.geometry, {"recovered": True})
+
+    # ---- lookup ----------------------------------------------------------------------------------
+    def _disk_has(self, keys: list[bytes], ns: bytes) -> np.ndarray:
+        if self.disk is None or not keys:
+            return np.zeros(len(keys), dtype=bool)
+        return np.asarray(self.disk.contains(keys), dtype=bool)
+
+    def lookup(self, digest: bytes, keys: list[bytes]) -> dict:
+        """Longest contiguous run of stored chunks from the first key, with each chunk's tier."""
+        info = self._namespace(digest)
+        with self.lock:
+            eids = self.cpu.find(keys)
+            tiers = np.where(eids >= 0, TIER_CPU, TIER_NONE).astype(np.uint8)
+            hit = eids >= 0
+            if hit.any():
+                wrong_ns = hit.copy()
+                wrong_ns[hit] = self.cpu.slots(eids[hit])[2] != info.ns_id
+                tiers[wrong_ns] = TIER_NONE
+                self.counters.add("miss_namespace", int(wrong_ns.sum()))
+            rest = np.flatnonzero(tiers == TIER_NONE)
+            if rest.size and self.disk is not None:
+                on_disk = self._disk_has([keys[i] for i in rest], digest)
+                tiers[rest[on_disk]] = TIER_DISK
+        misses = np.flatnonzero(tiers == TIER_NONE)
+        matched = int(misses[0]) if misses.size else len(keys)
+        self.counters.add("lookups")
+        self.counters.add("lookup_hit_chunks", matched)
+        self.counters.add("lookup_miss_chunks", len(keys) - matched)
+        return {"matched": matched, "tiers": tiers[:matched].tobytes()}
+
+    def contains(self, digest: bytes, keys: list[bytes]) -> bytes:
+        """Per-key tier code (0 = absent), not only the prefix."""
+        info = self._namespace(digest)
+        with self.lock:
+            eids = self.cpu.find(keys)
+            tiers = np.where(eids >= 0, TIER_CPU, TIER_NONE).astype(np.uint8)
+            if (eids >= 0).any():
+                hit = np.flatnonzero(eids >= 0)
+                tiers[hit[self.cpu.slots(eids[hit])[2] != info.ns_id]] = TIER_NONE
+            rest = np.flatnonzero(tiers == TIER_NONE)
+            if rest.size:
+                tiers[rest[self._disk_has([keys[i] for i in rest], digest)]] = TIER_DISK
+        return tiers.tobytes()
+
+    # ---- put: reserve, (client writes), commit ---------------------------------------------------
+    def reserve(self, conn: int, digest: bytes, keys: list[bytes], sizes: list[int]) -> dict:
+        """Arena slots for chunks of `sizes` bytes (header included). Per key: an offset, or
+        RESERVE_EXISTS (already stored or in flight), or RESERVE_NO_SPACE."""
+        info = self._namespace(digest)
+        if len(sizes) != len(keys) or not all(isinstance(s, int) for s in sizes):
+            raise InvalidArgument("reserve needs one integer size per key")
+        for size in sizes:
+            if size <= HEADER_BYTES:
+                raise InvalidArgument(f"chunk size {size} does not exceed the {HEADER_BYTES}-byte header")
+            if size > self.cpu.pool.max_alloc:
+                raise ChunkTooLarge(f"a {size}-byte chunk exceeds the arena's largest slot "
+                                    f"({self.cpu.pool.max_alloc} bytes; raise cpu.slab_bytes)")
+        offsets: list[int] = []
+        items = []
+        with self.lock:
+            present = self.cpu.contains(keys) | self._disk_has(keys, digest)
+            for i, (key, size) in enumerate(zip(keys, sizes)):
+                if present[i] or key in self._inflight:
+                    offsets.append(RESERVE_EXISTS)
+                    continue
+                try:
+                    offset = self.cpu.allocate(size)
+                except CapacityExhausted:
+                    offsets.append(RESERVE_NO_SPACE)
+                    self.counters.add("reserve_no_space")
+                    continue
+                self._inflight.add(key)
+                items.append((i, key, offset, size))
+                offsets.append(offset)
+            rid = next(self._ids)
+            if items:
+                self._reservations[rid] = _Reservation(conn, time.monotonic() + self.cfg.agent.lease_ttl_s,
+                                                       info.ns_id, items)
+        return {"rid": rid, "offsets": offsets, "ttl": self.cfg.agent.lease_ttl_s}
+
+    def _check_chunk(self, info: _NamespaceInfo, key: bytes, offset: int, nbytes: int) -> ChunkHeader:
+        header = ChunkHeader.unpack(self.cpu.view(offset, HEADER_BYTES))
+        if header.key != key:
+            raise InvalidArgument("chunk header names another key than the one reserved")
+        if header.namespace != info.digest:
+            raise InvalidArgument("chunk header names another namespace than the request")
+        if header.geometry != info.geometry:
+            raise GeometryMismatch(f"chunk geometry {header.geometry} differs from the namespace's "
+                                   f"{info.geometry}")
+        if header.total_len != nbytes:
+            raise InvalidArgument(f"chunk header says {header.total_len} bytes, {nbytes} were reserved")
+        expected = codec.payload_nbytes(header.geometry, header.codec, header.group)
+        if expected is not None and expected != header.payload_len:
+            raise InvalidArgument(f"a {header.codec} payload of this geometry is {expected} bytes, "
+                                  f"not {header.payload_len}")
+        return header
+
+    def commit(self, conn: int, rid: int) -> dict:
+        """Publish the chunks of a reservation. Invalid chunks are dropped and reported per index."""
+        errors: list[list] = []
+        stored = 0
+        with self.lock:
+            reservation = self._reservations.pop(rid, None)
+            if reservation is None or reservation.conn != conn:
+                raise NotFound(f"reservation {rid} is unknown or expired")
+            info = self._ns_by_id[reservation.ns_id]
+            assert info is not None
+            admit = self.disk is not None and self.cfg.disk.admission == "always"
+            for index, key, offset, nbytes in reservation.items:
+                self._inflight.discard(key)
+                try:
+                    self._check_chunk(info, key, offset, nbytes)
+                except (KVStoreError, ValueError) as exc:
+                    code = exc.code if isinstance(exc, KVStoreError) else "invalid_argument"
+                    errors.append([index, code, str(exc)])
+                    self.cpu.release_slot(offset)
+                    self.counters.add("commit_rejected")
+                    continue
+                if self.cpu.insert(key, offset, nbytes, info.ns_id):
+                    stored += 1
+                    if admit:
+                        self._enqueue(int(self.cpu.find([key])[0]), key)
+            self.counters.add("chunks_stored", stored)
+        return {"stored": stored, "errors": errors}
+
+    def abort(self, conn: int, rid: int) -> None:
+        with self.lock:
+            reservation = self._reservations.get(rid)
+            if reservation is not None and reservation.conn == conn:
+                self._drop_reservation(rid)
+
+    def _drop_reservation(self, rid: int) -> None:
+        reservation = self._reservations.pop(rid)
+        for _, key, offset, _ in reservation.items:
+            self._inflight.discard(key)
+            self.cpu.release_slot(offset)
+
+    # ---- get: acquire (pins, promotes from disk), (client reads), release --------------------------
+    def acquire(self, conn: int, digest: bytes, keys: list[bytes], prefix: bool = True) -> dict:
+        """Pin the stored chunks among `keys` in the arena (bringing disk hits up first) and return
+        their slots. With `prefix`, stop at the first miss. Misses carry a reason."""
+        info = self._namespace(digest)
+        n = len(keys)
+        offsets = [-1] * n
+        sizes = [0] * n
+        reasons: dict[int, str] = {}
+        promote: list[tuple[int, bytes, int, int]] = []  # (index, key, offset, nbytes)
+        with self.lock:
+            eids = self.cpu.find(keys)
+            limit = n
+            for i in range(n):
+                eid = int(eids[i])
+                if eid >= 0 and self.cpu.entry(eid)[3] != info.ns_id:
+                    eid = -1
+                    reasons[i] = "namespace"
+                if eid < 0:
+                    size = self.disk.record_nbytes(keys[i]) if self.disk is not None and i not in reasons else None
+                    if size is None or keys[i] in self._inflight:
+                        reasons.setdefault(i, "not_found")
+                    else:
+                        try:
+                            offset = self.cpu.allocate(size)
+                        except (CapacityExhausted, ChunkTooLarge):
+                            reasons[i] = "no_space"
+                        else:
+                            self._inflight.add(keys[i])
+                            promote.append((i, keys[i], offset, size))
+                            continue
+                    if prefix:
+                        limit = i
+                        break
+            hits = np.flatnonzero(eids[:limit] >= 0)
+            hits = hits[[i not in reasons for i in hits]] if reasons else hits
+            hit_eids = eids[hits]
+            self.cpu.pin(hit_eids)
+            self.cpu.touch(hit_eids)
+            hit_off, hit_len, _ = self.cpu.slots(hit_eids)
+            for i, off, size in zip(hits.tolist(), hit_off.tolist(), hit_len.tolist()):
+                offsets[i], sizes[i] = off, size
+            if self.cfg.disk.admission == "second_use" and self.disk is not None:
+                for eid, key in zip(hit_eids.tolist(), (keys[i] for i in hits.tolist())):
+                    if not self.cpu.entry(eid)[4] & (FLAG_ON_DISK | FLAG_QUEUED):
+                        self._enqueue(eid, key)
+        pinned = [hit_eids]
+        if promote:
+            pinned.append(self._promote(info, promote, offsets, sizes, reasons))
+        if prefix:  # a failed promotion shortens the prefix: unpin what lies beyond it
+            first_miss = min(reasons) if reasons else n
+            beyond = [i for i in range(first_miss, n) if offsets[i] >= 0]
+            if beyond:
+                drop = self.cpu.find([keys[i] for i in beyond])
+                self.cpu.unpin(drop)
+                for i in beyond:
+                    offsets[i], sizes[i] = -1, 0
+                pinned = [np.setdiff1d(np.concatenate(pinned), drop)]
+        all_pinned = np.concatenate(pinned) if pinned else np.empty(0, dtype=np.int64)
+        lid = next(self._ids)
+        with self.lock:
+            self._leases[lid] = _Lease(conn, time.monotonic() + self.cfg.agent.lease_ttl_s, all_pinned)
+        found = sum(1 for o in offsets if o >= 0)
+        self.counters.add("get_hit_chunks", found)
+        for reason in reasons.values():
+            self.counters.add(f"miss_{reason}")
+        return {"lid": lid, "offsets": offsets, "sizes": sizes, "ttl": self.cfg.agent.lease_ttl_s,
+                "reasons": {i: r for i, r in reasons.items()}}
+
+    def _promote(self, info: _NamespaceInfo, items, offsets, sizes, reasons) -> np.ndarray:
+        """Read disk hits straight into their arena slots (outside the lock), then index and pin them."""
+        assert self.disk is not None
+        done: list[tuple[int, bytes, int, int, bool]] = []
+        for index, key, offset, nbytes in items:
+            try:
+                header = self.disk.read_into(key, self.cpu.view(offset, nbytes))
+                ok = header.namespace == info.digest
+                if not ok:
+                    reasons[index] = "namespace"
+            except CorruptChunk:
+                ok = False
+                reasons[index] = "checksum"
+            except NotFound:  # evicted from disk since the plan was made
+                ok = False
+                reasons[index] = "evicted"
+            done.append((index, key, offset, nbytes, ok))
+        pinned = []
+        with self.lock:
+            for index, key, offset, nbytes, ok in done:
+                self._inflight.discard(key)
+                if not ok:
+                    self.cpu.release_slot(offset)
+                    continue
+                if not self.cpu.insert(key, offset, nbytes, info.ns_id, FLAG_ON_DISK):
+                    pass  # someone promoted it meanwhile; our slot was freed, use theirs
+                eid = int(self.cpu.find([key])[0])
+                _, offsets[index], sizes[index], _, _ = self.cpu.entry(eid)
+                pinned.append(eid)
+            eids = np.asarray(pinned, dtype=np.int64)
+            self.cpu.pin(eids)
+            self.counters.add("promoted_chunks", len(pinned))
+        return eids
+
+    def release(self, conn: int, lid: int) -> None:
+        with self.lock:
+            lease = self._leases.get(lid)
+            if lease is not None and lease.conn == conn:
+                del self._leases[lid]
+                self.cpu.unpin(lease.eids)
+
+    def disconnect(self, conn: int) -> None:
+        """A client went away: its leases and reservations end now, not at their TTL."""
+        with self.lock:
+            for lid in [lid for lid, lease in self._leases.items() if lease.conn == conn]:
+                self.cpu.unpin(self._leases.pop(lid).eids)
+            for rid in [rid for rid, r in self._reservations.items() if r.conn == conn]:
+                self._drop_reservation(rid)
+
+    def _sweep_loop(self) -> None:
+        """Reclaim expired leases and reservations (a stuck client cannot hold space forever)."""
+        while not self._stopping:
+            time.sleep(0.5)
+            now = time.monotonic()
+            with self.lock:
+                for lid in [lid for lid, lease in self._leases.items() if lease.expiry < now]:
+                    self.cpu.unpin(self._leases.pop(lid).eids)
+                    self.counters.add("leases_expired")
+                for rid in [rid for rid, r in self._reservations.items() if r.expiry < now]:
+                    self._drop_reservation(rid)
+                    self.counters.add("reservations_expired")
+
+    # ---- removal ---------------------------------------------------------------------------------
+    def evict(self, digest: bytes, keys: list[bytes], tiers: tuple[str, ...] = ("cpu", "disk")) -> dict:
+        """Drop `keys` from the named tiers (pinned chunks stay in the arena and are reported)."""
+        self._namespace(digest)
+        unknown = set(tiers) - {"cpu", "disk"}
+        if unknown:
+            raise InvalidArgument(f"unknown tier(s) {sorted(unknown)}; known: cpu, disk")
+        removed = {"cpu": 0, "disk": 0, "pinned": 0}
+        with self.lock:
+            if "cpu" in tiers:
+                self._unqueue(set(keys))
+                removed["cpu"], removed["pinned"] = self.cpu.remove(keys)
+            if "disk" in tiers:
+                self._doomed.update(k for k in keys if k in self._writing)
+        if "disk" in tiers and self.disk is not None:
+            removed["disk"] = self.disk.delete(keys)
+            with self.lock:
+                on_disk = self.cpu.find(keys)
+                for eid in on_disk[on_disk >= 0].tolist():
+                    self.cpu.set_flags(eid, clear_bits=FLAG_ON_DISK)
+        return removed
+
+    def clear(self, digest: bytes) -> dict:
+        """Remove every chunk of a namespace from every tier."""
+        info = self._namespace(digest)
+        with self.lock:
+            keys = self.cpu.keys_in_namespaces([info.ns_id])
+        result = self.evict(digest, keys, ("cpu",))
+        if self.disk is not None:
+            with self.lock:
+                self._doomed.update(k for k in self._writing)
+            result["disk"] = self.disk.delete_namespace(digest)
+        return result
+
+    def _cpu_evicted(self, keys: list[bytes]) -> None:
+        self.counters.add("cpu_evicted_chunks", len(keys))
+
+    def _disk_evicted(self, keys: list[bytes]) -> None:
+        self.counters.add("disk_evicted_chunks", len(keys))
+        with self.lock:
+            eids = self.cpu.find(keys)
+            for eid in eids[eids >= 0].tolist():
+                self.cpu.set_flags(eid, clear_bits=FLAG_ON_DISK)
+
+    # ---- write-behind ----------------------------------------------------------------------------
+    def _enqueue(self, eid: int, key: bytes) -> None:
+        """Queue a committed arena chunk for disk (caller holds the lock). A full queue skips it."""
+        nbytes = self.cpu.entry(eid)[2]
+        if self._queue_bytes + nbytes > self.cfg.disk.queue_bytes:
+            self.counters.add("writebehind_skipped")
+            return
+        self.cpu.pin(np.array([eid]))
+        self.cpu.set_flags(eid, set_bits=FLAG_QUEUED)
+        self._queue.append((eid, key))
+        self._queue_bytes += nbytes
+        self._queue_cv.notify_all()
+
+    def _unqueue(self, keys: set[bytes]) -> None:
+        """Take `keys` out of the write-behind queue (caller holds the lock)."""
+        if not self._queue or not keys:
+            return
+        kept = deque()
+        for eid, key in self._queue:
+            if key in keys:
+                self._queue_bytes -= self.cpu.entry(eid)[2]
+                self.cpu.set_flags(eid, clear_bits=FLAG_QUEUED)
+                self.cpu.unpin(np.array([eid]))
+            else:
+                kept.append((eid, key))
+        self._queue = kept
+
+    def _take_batch(self) -> list[tuple[int, bytes]]:
+        """Wait for queued chunks; gather at least batch_bytes (or what came within a short linger)."""
+        with self._queue_cv:
+            while not self._queue and not self._stopping:
+                self._queue_cv.wait(0.5)
+            deadline = time.monotonic() + 0.005
+            while self._queue_bytes < self.cfg.disk.batch_bytes and not self._stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._queue_cv.wait(left)
+            batch, size = [], 0
+            while self._queue and (size < self.cfg.disk.batch_bytes or not batch):
+                eid, key = self._queue.popleft()
+                nbytes = self.cpu.entry(eid)[2]
+                self._queue_bytes -= nbytes
+                size += nbytes
+                batch.append((eid, key))
+                self._writing.add(key)
+            return batch
+
+    def _writer_loop(self) -> None:
+        assert self.disk is not None
+        while not self._stopping:
+            batch = self._take_batch()
+            if not batch:
+                continue
+            chunks = []
+            for eid, _ in batch:
+                _, offset, nbytes, _, _ = self.cpu.entry(eid)
+                header = ChunkHeader.unpack(self.cpu.view(offset, HEADER_BYTES))
+                chunks.append((header, self.cpu.view(offset + HEADER_BYTES, nbytes - HEADER_BYTES)))
+            ok = True
+            try:
+                self.disk.append(chunks)
+            except (KVStoreError, OSError) as exc:
+                ok = False
+                log.error("write-behind of %d chunks failed: %s", len(batch), exc)
+                self.counters.add("writebehind_failed", len(batch))
+            with self.lock:
+                for eid, key in batch:
+                    self.cpu.set_flags(eid, set_bits=FLAG_ON_DISK if ok else 0, clear_bits=FLAG_QUEUED)
+                    self.cpu.unpin(np.array([eid]))
+                    self._writing.discard(key)
+                doomed = [key for _, key in batch if key in self._doomed]
+                self._doomed.difference_update(doomed)
+                if ok:
+                    self.counters.add("writebehind_chunks", len(batch))
+                self._queue_cv.notify_all()
+            if doomed:
+                self.disk.delete(doomed)
+
+    def flush(self, timeout: float = 60.0) -> dict:
+        """Wait until every queued chunk is on disk (or `timeout` passes)."""
+        deadline = time.monotonic() + timeout
+        with self._queue_cv:
+            while (self._queue or self._writing) and not self._stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return {"flushed": False, "queued": len(self._queue) + len(self._writing)}
+                self._queue_cv.wait(min(left, 0.1))
+        return {"flushed": True, "queued": 0}
+
+    # ---- inspection ------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        with self.lock:
+            result = {
+                "namespaces": len(self._namespaces),
+                "leases": len(self._leases),
+                "reservations": len(self._reservations),
+                "writebehind_queue_bytes": self._queue_bytes,
+                "writebehind_queue_chunks": len(self._queue),
+                "tiers": {"cpu": self.cpu.stats()},
+                "counters": dict(self.counters.values),
+            }
+        if self.disk is not None:
+            result["tiers"]["disk"] = self.disk.stats()
+        return result
+
+    def list_namespaces(self) -> list[dict]:
+        with self.lock:
+            return [{"digest": info.digest, "geometry": _geometry_wire(info.geometry),
+                     "description": info.description} for info in self._namespaces.values()]
+
+    def close(self) -> None:
+        self._stopping = True
+        with self._queue_cv:
+            self._queue_cv.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        if self.disk is not None:
+            self.disk.close()
+        self.cpu.close()
+
+
+def _geometry_wire(g: Geometry) -> list:
+    return [g.layers, g.heads, g.head_dim, g.tokens, g.planes, g.dtype]
+
+
+def geometry_from_wire(value: Any) -> Geometry:
+    if not isinstance(value, list) or len(value) != 6:
+        raise InvalidArgument("geometry must be [layers, heads, head_dim, tokens, planes, dtype]")
+    layers, heads, head_dim, tokens, planes, dtype = value
+    return Geometry(layers=layers, heads=heads, head_dim=head_dim, tokens=tokens, planes=planes, dtype=dtype)
+
+
+# ---- the socket server ------------------------------------------------------------------------------
+def _arg(args: dict, name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    value = args.get(name, default)
+    if value is ...:
+        raise InvalidArgument(f"missing argument {name!r}")
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise InvalidArgument(f"argument {name!r} has the wrong type {type(value).__name__}")
+    return value
+
+
+class AgentServer:
+    """Serves a NodeStore on a Unix socket until `shutdown()`."""
+
+    def __init__(self, store: NodeStore, socket_path: str):
+        self.store = store
+        self.socket_path = socket_path
+        Path(socket_path).parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_socket(socket_path)
+        agent = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            rbufsize = 1 << 16
+
+            def handle(self) -> None:
+                agent._serve_connection(self.request, self.rfile)
+
+        class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self._server = Server(socket_path, Handler)
+        os.chmod(socket_path, 0o600)
+        self._conn_ids = itertools.count(1)
+        self._live: dict[int, socket.socket] = {}
+        self._thread: threading.Thread | None = None
+        self._handlers: dict[str, Callable[[int, dict], Any]] = {
+            "hello": self._hello, "register": self._register, "lookup": self._lookup,
+            "contains": self._contains, "reserve": self._reserve, "commit": self._commit,
+            "abort": self._abort, "acquire": self._acquire, "release": self._release,
+            "evict": self._evict, "clear": self._clear, "flush": self._flush, "stats": self._stats,
+            "list": self._list,
+        }
+
+    def serve_forever(self) -> None:
+        self._server.serve_forever(poll_interval=0.2)
+
+    def start(self) -> "AgentServer":
+        self._thread = threading.Thread(target=self.serve_forever, name="kvstore-agent", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        """Stop accepting, and end every open connection (clients see the agent go, not a stale store)."""
+        self._server.shutdown()
+        self._server.server_close()
+        for sock in list(self._live.values()):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+
+    def _serve_connection(self, sock: socket.socket, rfile) -> None:
+        conn = next(self._conn_ids)
+        self._live[conn] = sock
+        max_frame = self.store.cfg.agent.max_frame_bytes
+        try:
+            while True:
+                try:
+                    request = read_frame(rfile, max_frame)
+                except ProtocolError as exc:
+                    sock.sendall(pack(error_reply(exc)))
+                    if "exceeds" in str(exc):
+                        return  # cannot find the next frame boundary: close
+                    continue
+                op, reply = self._dispatch(conn, request)
+                if op not in NO_REPLY:
+                    sock.sendall(pack(reply))
+        except (ConnectionClosed, ConnectionError, OSError):
+            pass
+        finally:
+            self._live.pop(conn, None)
+            self.store.disconnect(conn)
+
+    def _dispatch(self, conn: int, request: Any) -> tuple[str | None, list]:
+        if (not isinstance(request, list) or len(request) != 2 or not isinstance(request[0], str)
+                or not isinstance(request[1], dict)):
+            return None, error_reply(ProtocolError("a request is [op, {args}]"))
+        op, args = request
+        handler = self._handlers.get(op)
+        if handler is None:
+            return None, error_reply(InvalidArgument(f"unknown op {op!r}"))
+        try:
+            return op, ["ok", handler(conn, args)]
+        except KVStoreError as exc:
+            return op, error_reply(exc)
+        except Exception as exc:  # a bug must not take the agent down; the client gets the message
+            log.exception("op %s failed", op)
+            return op, error_reply(KVStoreError(f"internal error in {op}: {exc}"))
+
+    def _keys(self, args: dict) -> list[bytes]:
+        keys = split_keys(_arg(args, "keys", bytes))
+        if len(keys) > self.store.cfg.agent.max_batch_chunks:
+            raise InvalidArgument(f"{len(keys)} keys exceed agent.max_batch_chunks "
+                                  f"({self.store.cfg.agent.max_batch_chunks})")
+        return keys
+
+    # handlers: argument checking and wire shapes only
+    def _hello(self, conn: int, args: dict) -> dict:
+        version = _arg(args, "version", int)
+        if version != PROTOCOL_VERSION:
+            raise InvalidArgument(f"protocol version {version} not supported (agent speaks {PROTOCOL_VERSION})")
+        store = self.store
+        return {"version": PROTOCOL_VERSION, "arena_path": store.cpu.arena_path,
+                "arena_bytes": store.cpu.capacity, "lease_ttl_s": store.cfg.agent.lease_ttl_s,
+                "chunk_tokens": store.cfg.chunk_tokens, "pid": os.getpid(),
+                "prefault": store.cfg.cpu.prefault, "max_batch_chunks": store.cfg.agent.max_batch_chunks}
+
+    def _register(self, conn: int, args: dict) -> int:
+        return self.store.register(_arg(args, "ns", bytes), geometry_from_wire(_arg(args, "geometry", list)),
+                                   _arg(args, "description", dict, {}))
+
+    def _lookup(self, conn: int, args: dict) -> dict:
+        return self.store.lookup(_arg(args, "ns", bytes), self._keys(args))
+
+    def _contains(self, conn: int, args: dict) -> bytes:
+        return self.store.contains(_arg(args, "ns", bytes), self._keys(args))
+
+    def _reserve(self, conn: int, args: dict) -> dict:
+        return self.store.reserve(conn, _arg(args, "ns", bytes), self._keys(args), _arg(args, "sizes", list))
+
+    def _commit(self, conn: int, args: dict) -> dict:
+        return self.store.commit(conn, _arg(args, "rid", int))
+
+    def _abort(self, conn: int, args: dict) -> None:
+        self.store.abort(conn, _arg(args, "rid", int))
+
+    def _acquire(self, conn: int, args: dict) -> dict:
+        return self.store.acquire(conn, _arg(args, "ns", bytes), self._keys(args),
+                                  bool(_arg(args, "prefix", bool, True)))
+
+    def _release(self, conn: int, args: dict) -> None:
+        self.store.release(conn, _arg(args, "lid", int))
+
+    def _evict(self, conn: int, args: dict) -> dict:
+        tiers = tuple(_arg(args, "tiers", list, ["cpu", "disk"]))
+        return self.store.evict(_arg(args, "ns", bytes), self._keys(args), tiers)
+
+    def _clear(self, conn: int, args: dict) -> dict:
+        return self.store.clear(_arg(args, "ns", bytes))
+
+    def _flush(self, conn: int, args: dict) -> dict:
+        return self.store.flush(float(_arg(args, "timeout", (int, float), 60.0)))
+
+    def _stats(self, conn: int, args: dict) -> dict:
+        return self.store.stats()
+
+    def _list(self, conn: int, args: dict) -> list:
+        return self.store.list_namespaces()
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Refuse to start over a live agent; remove a socket file left by a dead one."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise AgentUnavailable(f"another agent is already listening on {path}")
+
+
+def run_agent(cfg: KVStoreConfig, ready: Callable[[AgentServer], None] | None = None) -> None:
+    """Run the agent in the foreground until SIGINT or SIGTERM, then stop cleanly."""
+    store = NodeStore(cfg)
+    try:
+        server = AgentServer(store, cfg.socket_path)
+    except BaseException:
+        store.close()
+        raise
+    stop = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    server.start()
+    log.info("kvstore agent listening on %s (arena %s, %d bytes; disk %s)", cfg.socket_path,
+             store.cpu.arena_path, store.cpu.capacity,
+             store.cfg.disk.path if store.disk is not None else "off")
+    if ready is not None:
+        ready(server)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.shutdown()
+        store.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        log.info("kvstore agent stopped")

@@ -1,0 +1,68 @@
+"""Local protocol framing between engine processes and the node agent (docs/local-protocol.md).
+
+A frame is a little-endian u32 body length followed by a msgpack body. Requests are ``[op, args]``;
+replies are ``["ok", result]`` or ``["err", code, message]``. Ops in NO_REPLY get no reply (releases
+are fire-and-forget so a get costs one round trip). Keys travel as one binary blob of 16-byte keys.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, BinaryIO
+
+import msgpack
+
+from .errors import ERRORS_BY_CODE, InvalidArgument, KVStoreError, ProtocolError
+
+PROTOCOL_VERSION = 1
+_LEN = struct.Struct("<I")
+NO_REPLY = frozenset({"release", "abort"})
+OPS = frozenset({"hello", "register", "lookup", "contains", "reserve", "commit", "abort", "acquire",
+                 "release", "evict", "clear", "flush", "stats", "list"})
+
+
+class ConnectionClosed(EOFError):
+    """The peer closed the connection (between frames or in the middle of one)."""
+
+
+def pack(obj: Any) -> bytes:
+    body = msgpack.packb(obj, use_bin_type=True)
+    return _LEN.pack(len(body)) + body
+
+
+def read_frame(stream: BinaryIO, max_bytes: int) -> Any:
+    """Read one frame. Raises ConnectionClosed at EOF, ProtocolError for an oversize length (the
+    stream cannot be resynchronised then) and for a body that is not msgpack (the stream is still in sync)."""
+    head = stream.read(4)
+    if len(head) < 4:
+        raise ConnectionClosed("connection closed" if not head else "connection closed inside a frame header")
+    (length,) = _LEN.unpack(head)
+    if length > max_bytes:
+        raise ProtocolError(f"frame of {length} bytes exceeds the {max_bytes}-byte limit")
+    body = stream.read(length)
+    if len(body) < length:
+        raise ConnectionClosed("connection closed inside a frame")
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(f"frame body is not valid msgpack: {exc}") from None
+
+
+def error_reply(exc: KVStoreError) -> list:
+    return ["err", exc.code, str(exc)]
+
+
+def raise_for_reply(reply: Any) -> Any:
+    """The result of an ok reply; raise the typed error of an err reply."""
+    if isinstance(reply, list) and reply and reply[0] == "ok" and len(reply) == 2:
+        return reply[1]
+    if isinstance(reply, list) and len(reply) == 3 and reply[0] == "err":
+        raise ERRORS_BY_CODE.get(reply[1], KVStoreError)(reply[2])
+    raise ProtocolError(f"malformed reply from agent: {reply!r:.200}")
+
+
+def split_keys(blob: Any) -> list[bytes]:
+    """The 16-byte keys in a key blob."""
+    if not isinstance(blob, bytes) or len(blob) % 16:
+        raise InvalidArgument("keys must be a binary blob whose length is a multiple of 16")
+    return [blob[i:i + 16] for i in range(0, len(blob), 16)]

@@ -1,0 +1,150 @@
+"""LocalClient against a real agent: round trips, prefix lookup, namespaces, codecs, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kvstore.errors import AgentUnavailable, ChunkTooLarge, GeometryMismatch, InvalidArgument, UnknownCodec
+from kvstore.keys import Namespace
+from kvstore.layout import Geometry
+
+from .conftest import SMALL, SMALL_NS, small_chunks
+
+
+def tokens(n_chunks: int, start: int = 0) -> np.ndarray:
+    return np.arange(n_chunks * SMALL.tokens) + start
+
+
+def test_put_get_round_trip_is_byte_identical(agent):
+    client = agent.client()
+    keys = client.keys(tokens(6))
+    data = small_chunks(6)
+    assert client.put(keys, data).stored == 6
+    got = client.get(keys)
+    assert got.shape == (6, *SMALL.shape)
+    assert torch.equal(got.view(torch.int16), data.view(torch.int16))
+
+
+def test_get_into_out_and_strided_put(agent):
+    client = agent.client()
+    whole = small_chunks(1, seed=3, geometry=Geometry(layers=2, heads=2, head_dim=32, tokens=32))
+    # chunks as token slices of a longer sequence: non-contiguous views gathered straight into the arena
+    chunks = [whole[0][:, :, i * 16:(i + 1) * 16] for i in range(2)]
+    assert not chunks[1].is_contiguous()
+    keys = client.keys(tokens(2))
+    assert client.put(keys, chunks).stored == 2
+    out = torch.full((3, *SMALL.shape), 7.0, dtype=torch.bfloat16)
+    got = client.get(keys, out=out)
+    assert got.shape[0] == 2 and got.data_ptr() == out.data_ptr()
+    assert torch.equal(out[0], chunks[0]) and torch.equal(out[1], chunks[1])
+    assert (out[2] == 7.0).all()  # untouched beyond the hits
+
+
+def test_lookup_reports_longest_stored_prefix(agent):
+    client = agent.client()
+    prompt = tokens(6)
+    keys = client.keys(prompt)
+    client.put(keys[:4], small_chunks(4))
+    hit = client.lookup(prompt)
+    assert (hit.chunks, hit.tokens, hit.tiers) == (4, 64, ("cpu",) * 4)
+    # a gap ends the prefix even if later chunks are stored
+    client.put(keys[5:], small_chunks(1))
+    client.evict(keys[1:2])
+    assert client.lookup(prompt).chunks == 1
+    assert client.contains(keys) == [True, False, True, True, False, True]
+    # a prompt that diverges inside chunk 2 shares exactly 2 chunks
+    other = prompt.copy()
+    other[2 * 16 + 3] += 1
+    client.put(keys[1:2], small_chunks(1, seed=1))
+    assert client.lookup(other).chunks == 2
+    # a partial trailing chunk has no key
+    assert client.lookup(prompt[:40]).chunks == 2
+
+
+def test_get_stops_at_first_miss(agent):
+    client = agent.client()
+    keys = client.keys(tokens(4))
+    data = small_chunks(4)
+    client.put([keys[0], keys[1], keys[3]], data[[0, 1, 3]])
+    got = client.get(keys)
+    assert got.shape[0] == 2 and torch.equal(got, data[:2])
+
+
+def test_second_put_of_same_chunks_writes_nothing(agent):
+    client = agent.client()
+    keys = client.keys(tokens(3))
+    assert client.put(keys, small_chunks(3)).stored == 3
+    again = client.put(keys, small_chunks(3, seed=9))
+    assert (again.stored, again.existing) == (0, 3)
+    assert torch.equal(client.get(keys), small_chunks(3))  # first writer wins
+
+
+def test_namespaces_are_isolated(agent):
+    a = agent.client()
+    b = agent.client(Namespace(model="test-model", chunk_tokens=16, tenant="other"))
+    a.put(a.keys(tokens(2)), small_chunks(2))
+    assert b.lookup(tokens(2)).chunks == 0
+    assert b.get(b.keys(tokens(2))).shape[0] == 0
+    # even a's exact keys, asked for under b's namespace, are a miss (never another namespace's data)
+    assert b.get(a.keys(tokens(2))).shape[0] == 0
+    assert b.lookup(a.keys(tokens(2))).chunks == 0
+
+
+def test_geometry_is_fixed_per_namespace(agent):
+    agent.client()
+    with pytest.raises(GeometryMismatch):
+        agent.client(geometry=Geometry(layers=3, heads=2, head_dim=32, tokens=16))
+
+
+@pytest.mark.parametrize("codec", ["lz4", "int8", "int4"])
+def test_codecs_through_the_store(agent, codec):
+    client = agent.client(Namespace(model=f"test-{codec}", chunk_tokens=16), codec_name=codec)
+    keys = client.keys(tokens(3))
+    data = small_chunks(3, seed=5)
+    assert client.put(keys, data).stored == 3
+    got = client.get(keys)
+    if codec == "lz4":
+        assert torch.equal(got, data)
+    else:  # quantised: close, and within the coarse int4 bound (range/15 per group)
+        err = (got.float() - data.float()).abs().max().item()
+        spread = (data.float().max() - data.float().min()).item()
+        assert 0 < err <= spread / (255 if codec == "int8" else 15)
+
+
+def test_bad_input_gets_typed_errors_and_agent_keeps_serving(agent):
+    client = agent.client()
+    keys = client.keys(tokens(2))
+    with pytest.raises(InvalidArgument):
+        client.put(keys, small_chunks(1))  # count mismatch
+    with pytest.raises(InvalidArgument):
+        client.put(keys[:1], torch.zeros((1, 2, 2, 16, 2, 16), dtype=torch.bfloat16))  # wrong shape
+    with pytest.raises(InvalidArgument):
+        client.put(keys[:1], small_chunks(1).float())  # wrong dtype
+    with pytest.raises(UnknownCodec):
+        agent.client(codec_name="zstd")
+    with pytest.raises(InvalidArgument):
+        client.keys([1, -5])
+    big = Geometry(layers=64, heads=8, head_dim=128, tokens=16)  # 4 MiB chunk > 1 MiB slab
+    big_client = agent.client(Namespace(model="big", chunk_tokens=16), big)
+    with pytest.raises(ChunkTooLarge):
+        big_client.put(big_client.keys(tokens(1)), torch.zeros((1, *big.shape), dtype=torch.bfloat16))
+    assert client.put(keys, small_chunks(2)).stored == 2  # still serving, nothing lost
+
+
+def test_no_agent_is_a_clear_error(tmp_path):
+    from kvstore.client import LocalClient
+
+    with pytest.raises(AgentUnavailable, match="kvstore serve"):
+        LocalClient(SMALL_NS, SMALL, socket_path=str(tmp_path / "none.sock"))
+
+
+def test_agent_gone_mid_session_is_unavailable_not_a_hang(start_agent):
+    agent = start_agent()
+    client = agent.client()
+    keys = client.keys(tokens(1))
+    client.put(keys, small_chunks(1))
+    agent.stop()
+    with pytest.raises(AgentUnavailable):
+        client.lookup(keys)
