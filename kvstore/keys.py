@@ -31,10 +31,7 @@ MAX_TOKEN_ID = (1 << 32) - 1
 
 
 def _field(text: str) -> bytes:
-    raw = text.encode("utf-8")
-    if len(raw) > 0xFFFF:
-        raise InvalidArgument("namespace field longer than 65535 bytes")
-    return struct.pack("<H", len(raw)) + raw
+    return struct.pack("<H", len(raw := text.encode("utf-8"))) + raw
 
 
 @dataclass(frozen=True)
@@ -56,6 +53,16 @@ class Namespace:
     chunk_tokens: int = 256
 
     def __post_init__(self) -> None:
+        for name in ("model", "kv_dtype", "layout", "tenant"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise InvalidArgument(f"namespace.{name} must be a str, got {type(value).__name__}")
+            try:
+                size = len(value.encode("utf-8"))
+            except UnicodeEncodeError:
+                raise InvalidArgument(f"namespace.{name} is not encodable as UTF-8") from None
+            if size > 0xFFFF:
+                raise InvalidArgument(f"namespace.{name} is longer than 65535 UTF-8 bytes")
         if not self.model:
             raise InvalidArgument("namespace.model must not be empty")
         for name in ("tp_rank", "tp_size", "pp_rank", "pp_size", "chunk_tokens"):
@@ -118,8 +125,12 @@ def chunk_keys(namespace: Namespace, tokens) -> list[ChunkKey]:
 def block_hash_bytes(block_hash) -> bytes:
     """An engine block hash as bytes: bytes pass through; ints are 16-byte little-endian two's complement."""
     if isinstance(block_hash, (bytes, bytearray, memoryview)):
-        return bytes(block_hash)
+        if len(raw := bytes(block_hash)) > 0xFFFF:
+            raise InvalidArgument("a block hash is longer than 65535 bytes")
+        return raw
     if isinstance(block_hash, int):
+        if not -(1 << 127) <= block_hash < 1 << 127:
+            raise InvalidArgument("an integer block hash must be in [-2^127, 2^127)")
         return block_hash.to_bytes(16, "little", signed=True)
     raise InvalidArgument(f"block hash must be bytes or int, got {type(block_hash).__name__}")
 
