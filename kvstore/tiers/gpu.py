@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..config import GpuConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, InvalidArgument
 from .memory import MemoryTier
 
 
@@ -53,7 +53,11 @@ class GpuTier(MemoryTier):
             return None
         _, offset, nbytes, _, _ = self.entry(eid)
         view = self.view(offset, nbytes)
-        return view if out is None else out.reshape(-1).view(torch.uint8).copy_(view)
+        if out is None:
+            return view
+        if out.numel() * out.element_size() != nbytes:
+            raise InvalidArgument(f"out holds {out.numel() * out.element_size()} bytes, the chunk {nbytes}")
+        return out.copy_(view.view(out.dtype).view(out.shape))  # strided `out` is written in place
 
     def ipc_handle(self):
         """A handle other processes on this node pass to `open_ipc_handle` (CUDA only)."""

@@ -64,7 +64,7 @@ class MemoryTier:
 
     def allocate(self, nbytes: int) -> int:
         """Reserve a slot for `nbytes`, evicting unpinned entries as needed; returns its offset."""
-        if nbytes > self.pool.max_alloc:
+        if nbytes > self.pool.max_alloc or nbytes <= 0:
             raise ChunkTooLarge(f"{self.name}: a {nbytes}-byte chunk exceeds the largest slot "
                                 f"({self.pool.max_alloc} bytes; raise the tier's slab_bytes)")
         with self.lock:
@@ -91,7 +91,8 @@ class MemoryTier:
         return self._keys[eid] is not None and self._pins[eid] == 0
 
     def _evict_slab(self, slab: int) -> None:
-        live = np.flatnonzero((self._offset // self.pool.slab_bytes == slab) & (self._pins == 0))
+        n = len(self._keys)  # ids beyond this were never used (their offset 0 would match slab 0)
+        live = np.flatnonzero((self._offset[:n] // self.pool.slab_bytes == slab) & (self._pins[:n] == 0))
         self._evict([int(e) for e in live if self._keys[int(e)] is not None])
 
     def _evict(self, eids: Sequence[int]) -> None:
@@ -179,6 +180,7 @@ class MemoryTier:
         with self.lock:
             np.add.at(self._pins, eids, -1)
             if (self._pins[eids] < 0).any():
+                np.maximum(self._pins, 0, out=self._pins)  # keep the entries usable, then report the bug
                 raise AssertionError(f"{self.name}: pin count below zero")
 
     def set_flags(self, eid: int, set_bits: int = 0, clear_bits: int = 0) -> None:
@@ -189,7 +191,7 @@ class MemoryTier:
         """Remove unpinned `keys`; returns (removed, skipped because pinned)."""
         removed = skipped = 0
         with self.lock:
-            for eid in self.find(keys):
+            for eid in self.find(list(dict.fromkeys(keys))):  # a key listed twice is removed once
                 if eid < 0:
                     continue
                 if self._pins[eid]:

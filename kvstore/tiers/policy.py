@@ -66,14 +66,19 @@ class LRUPolicy:
         return None
 
     def _refill(self, evictable: Evictable) -> None:
+        """Batch the oldest evictable entries; widen the window while all of it is unevictable."""
         live = np.flatnonzero(self._atime.a)
         if live.size == 0:
             return
-        k = min(live.size, max(64, live.size // 64))
         stamps = self._atime.a[live]
-        oldest = np.argpartition(stamps, k - 1)[:k] if k < live.size else np.arange(live.size)
-        oldest = oldest[np.argsort(stamps[oldest])[::-1]]  # newest first, so pop() yields the oldest
-        self._batch = [(int(live[i]), int(stamps[i])) for i in oldest if evictable(int(live[i]))]
+        k = min(live.size, max(64, live.size // 64))
+        while True:
+            oldest = np.argpartition(stamps, k - 1)[:k] if k < live.size else np.arange(live.size)
+            oldest = oldest[np.argsort(stamps[oldest])[::-1]]  # newest first, so pop() yields the oldest
+            self._batch = [(int(live[i]), int(stamps[i])) for i in oldest if evictable(int(live[i]))]
+            if self._batch or k == live.size:
+                return
+            k = min(live.size, k * 4)
 
 
 class S3FIFOPolicy:
@@ -146,19 +151,28 @@ class S3FIFOPolicy:
         return None
 
     def next_victim(self, evictable: Evictable) -> int | None:
-        budget = 2 * (self._n_small + self._n_main) + 2  # each live entry is looked at a bounded number of times
+        # Each live entry is looked at a bounded number of times: a hit counter (max 3) is spent once per
+        # look in main, plus one look in small. Unevictable (pinned) entries go back to the tail of their
+        # own queue; once a whole queue has been seen unevictable, the other queue is tried.
+        budget = 5 * (self._n_small + self._n_main) + 8
+        stuck = {1: 0, 2: 0}  # consecutive unevictable looks per queue
         while budget > 0:
             budget -= 1
+            small_ok = self._n_small > 0 and stuck[1] < self._n_small
+            main_ok = self._n_main > 0 and stuck[2] < self._n_main
+            if not small_ok and not main_ok:
+                return None
             total = self._n_small + self._n_main
-            from_small = self._n_small > 0 and (self._n_small >= self.SMALL_SHARE * total or self._n_main == 0)
-            eid = self._pop(self._small, 1) if from_small else self._pop(self._main, 2)
+            from_small = small_ok and (self._n_small >= self.SMALL_SHARE * total or not main_ok)
+            where = 1 if from_small else 2
+            eid = self._pop(self._small if from_small else self._main, where)
             if eid is None:
-                if self._n_small + self._n_main == 0:
-                    return None
                 continue
             if not evictable(eid):
-                self._push(eid, 2)  # pinned now: give it a full round in main
+                self._push(eid, where)
+                stuck[where] += 1
                 continue
+            stuck[where] = 0
             if self._freq.a[eid] > 0:
                 if from_small:
                     self._freq.a[eid] = 0

@@ -21,8 +21,17 @@ def size_class(nbytes: int) -> int:
     """The slot size that holds `nbytes`: rounded up to 1/16 of its power of two, 64- or 4096-aligned."""
     if nbytes <= 0:
         raise ValueError("size must be positive")
-    step = max(1 << max(nbytes - 1, 1).bit_length() >> 4, SMALL_ALIGN if nbytes < PAGE else PAGE)
+    step = max(1 << (nbytes.bit_length() - 1) >> 4, SMALL_ALIGN if nbytes < PAGE else PAGE)
     return -(-nbytes // step) * step
+
+
+def largest_fit(slab_bytes: int) -> int:
+    """The largest request whose size class fits in one slab (size_class is monotonic: binary search)."""
+    low, high = 1, slab_bytes
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if size_class(mid) <= slab_bytes else (low, mid - 1)
+    return low
 
 
 @dataclass
@@ -32,6 +41,7 @@ class _Slab:
     used: int = 0
     bump: int = 0  # slots below `bump` have been handed out at least once
     free: list[int] = field(default_factory=list)  # freed slot indexes below bump
+    taken: bytearray = field(default_factory=bytearray)  # 1 per slot handed out: catches double frees
 
     @property
     def has_room(self) -> bool:
@@ -45,15 +55,13 @@ class SlabPool:
         if slab_bytes <= 0 or slab_bytes % PAGE:
             raise ValueError(f"slab_bytes must be a positive multiple of {PAGE}, got {slab_bytes}")
         self.slab_bytes = slab_bytes
+        self.max_alloc = largest_fit(slab_bytes)  # the largest request a slot can hold
         self.slabs = [_Slab() for _ in range(capacity // slab_bytes)]
         self.capacity = len(self.slabs) * slab_bytes
         self._free_slabs = list(range(len(self.slabs) - 1, -1, -1))
         self._with_room: dict[int, set[int]] = {}  # class -> slabs of that class with a free slot
         self.used_bytes = 0  # bytes of slots handed out
 
-    @property
-    def max_alloc(self) -> int:
-        return self.slab_bytes
 
     def alloc(self, nbytes: int) -> int | None:
         """Offset of a free slot for `nbytes`, or None when no slot of its class and no free slab is left."""
@@ -65,7 +73,8 @@ class SlabPool:
             index = next(iter(room))
         elif self._free_slabs:
             index = self._free_slabs.pop()
-            self.slabs[index] = _Slab(slot_bytes=cls, nslots=self.slab_bytes // cls)
+            nslots = self.slab_bytes // cls
+            self.slabs[index] = _Slab(slot_bytes=cls, nslots=nslots, taken=bytearray(nslots))
             room.add(index)
         else:
             return None
@@ -75,17 +84,22 @@ class SlabPool:
         else:
             slot, slab.bump = slab.bump, slab.bump + 1
         slab.used += 1
+        slab.taken[slot] = 1
         if not slab.has_room:
             room.discard(index)
         self.used_bytes += cls
         return index * self.slab_bytes + slot * cls
 
     def free(self, offset: int) -> None:
+        if not 0 <= offset < self.capacity:
+            raise ValueError(f"offset {offset} is outside the pool")
         index, within = divmod(offset, self.slab_bytes)
         slab = self.slabs[index]
-        if slab.slot_bytes == 0 or within % slab.slot_bytes:
+        slot, misaligned = divmod(within, slab.slot_bytes) if slab.slot_bytes else (0, 1)
+        if misaligned or slot >= slab.nslots or not slab.taken[slot]:
             raise ValueError(f"offset {offset} is not an allocated slot")
-        slab.free.append(within // slab.slot_bytes)
+        slab.taken[slot] = 0
+        slab.free.append(slot)
         slab.used -= 1
         self.used_bytes -= slab.slot_bytes
         room = self._with_room[slab.slot_bytes]
