@@ -301,6 +301,8 @@ class LocalClient:
                 break
         if out is not None:
             return out[: sum(len(r) for r in results)]
+        if not results:
+            return torch.empty((0, *self.geometry.shape), dtype=self.geometry.torch_dtype)
         return results[0] if len(results) == 1 else torch.cat(results)
 
     # ---- management ------------------------------------------------------------------------------

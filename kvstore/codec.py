@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 
 import xxhash
 
-from .bytecopy import copy_tensor
 from .errors import CorruptChunk, InvalidArgument, UnknownCodec
 from .layout import DTYPE_BY_ID, DTYPES, Geometry
 
@@ -145,13 +144,12 @@ class ChunkHeader:
 
 import math
 
-import lz4.block
-import torch
+import lz4.block  # torch is imported inside the functions that need it: the agent never does
 
 from .layout import dtype_itemsize
 
 _QUANT_BITS = {"int8": 8, "int4": 4}
-_QUANT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_QUANT_DTYPES = ("float32", "float16", "bfloat16")
 # Largest default group per codec. int4 needs groups of >= 56 elements for 3.5x on 16-bit data, and 64
 # is the smallest power of two above that. int8 error is 16x smaller, so it affords 128 for a better ratio.
 _MAX_DEFAULT_GROUP = {"int8": 128, "int4": 64}
@@ -183,6 +181,7 @@ def encode(kv: torch.Tensor, codec: str, group: int = 0) -> tuple[torch.Tensor, 
     """Encode one chunk in canonical layout. Returns (payload as a 1-D uint8 CPU tensor, group used).
 
     raw is a zero-copy byte view of `kv` when `kv` is a contiguous CPU tensor."""
+    import torch
     codec_id(codec)
     geometry = _geometry_of(kv)
     if codec not in _QUANT_BITS:
@@ -210,6 +209,9 @@ def encode(kv: torch.Tensor, codec: str, group: int = 0) -> tuple[torch.Tensor, 
 def decode(header: ChunkHeader, payload, out: torch.Tensor | None = None) -> torch.Tensor:
     """Decode `payload` into a new tensor of the header's shape and dtype, or into `out` (contiguous, same
     shape and dtype). The result never aliases `payload`; raw costs exactly one copy."""
+    import torch
+
+    from .bytecopy import copy_tensor
     codec_id(header.codec)
     geometry = header.geometry
     if out is None:
@@ -239,6 +241,8 @@ def decode(header: ChunkHeader, payload, out: torch.Tensor | None = None) -> tor
 
 
 def _geometry_of(kv: torch.Tensor) -> Geometry:
+    import torch
+
     if not isinstance(kv, torch.Tensor) or kv.dim() != 5:
         got = tuple(kv.shape) if isinstance(kv, torch.Tensor) else type(kv).__name__
         raise InvalidArgument(f"kv must be a 5-D tensor [layers, planes, tokens, heads, head_dim], got {got}")
@@ -249,7 +253,7 @@ def _geometry_of(kv: torch.Tensor) -> Geometry:
 
 def _checked_group(geometry: Geometry, codec: str, group: int) -> int:
     """Resolve group 0 to the default and check that groups tile the grouped axes exactly."""
-    if geometry.torch_dtype not in _QUANT_DTYPES:
+    if geometry.dtype not in _QUANT_DTYPES:
         raise InvalidArgument(f"codec {codec!r} needs float32, float16 or bfloat16 data, got {geometry.dtype}")
     if not isinstance(group, int) or not 0 <= group < 1 << 16:
         raise InvalidArgument(f"group must be an int in [0, 65535] (0 = default), got {group!r}")
@@ -271,6 +275,7 @@ def _group_view(plane: torch.Tensor, per_channel: bool, group: int) -> tuple[tor
 
 def _quantise_plane(plane: torch.Tensor, per_channel: bool, group: int, levels: int):
     """Return (codes shaped like `plane`, scale, min), with scale and min in the plane's dtype."""
+    import torch
     x, axis = _group_view(plane.float(), per_channel, group)
     low, high = torch.aminmax(x, dim=axis, keepdim=True)  # low is a data element: exact in the data dtype
     if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
@@ -285,12 +290,15 @@ def _quantise_plane(plane: torch.Tensor, per_channel: bool, group: int, levels: 
 
 def _round_up(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Cast float32 `value` to `dtype`, rounding up so that min + levels * scale still reaches the max."""
+    import torch
     stored = value.to(dtype)
     bumped = torch.nextafter(stored, torch.full_like(stored, math.inf))
     return torch.where(stored.float() < value, bumped, stored)
 
 
 def _decode_quantised(header: ChunkHeader, data: torch.Tensor, out: torch.Tensor) -> None:
+    import torch
+
     geometry = header.geometry
     if header.group == 0:
         raise CorruptChunk(f"{header.codec} header carries no quantisation group")
@@ -322,12 +330,16 @@ def _decode_quantised(header: ChunkHeader, data: torch.Tensor, out: torch.Tensor
 
 
 def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    import torch
+
     if codes.numel() % 2:
         codes = torch.cat([codes, codes.new_zeros(1)])
     return codes[0::2] | (codes[1::2] << 4)
 
 
 def _unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    import torch
+
     codes = torch.empty(2 * packed.numel(), dtype=torch.uint8)
     codes[0::2] = packed & 0x0F
     codes[1::2] = packed >> 4
@@ -336,6 +348,7 @@ def _unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 def _byte_tensor(payload) -> torch.Tensor:
     """View bytes, a memoryview or a 1-D uint8 tensor as a uint8 tensor without copying."""
+    import torch
     if isinstance(payload, torch.Tensor):
         if payload.dtype != torch.uint8 or payload.dim() != 1:
             raise InvalidArgument(f"payload tensor must be 1-D uint8, got {payload.dtype} {tuple(payload.shape)}")

@@ -11,29 +11,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import InvalidArgument
 
-# Stable numeric ids for the wire/disk header. Never renumber; append only.
-DTYPES: dict[str, tuple[int, torch.dtype]] = {
-    "float32": (1, torch.float32),
-    "float16": (2, torch.float16),
-    "bfloat16": (3, torch.bfloat16),
-    "float8_e4m3fn": (4, torch.float8_e4m3fn),
-    "float8_e5m2": (5, torch.float8_e5m2),
-    "uint8": (6, torch.uint8),
+if TYPE_CHECKING:  # torch is imported lazily: the node agent never needs it
+    import torch
+
+# Stable numeric ids for the wire/disk header (never renumber; append only) and item sizes. The names
+# are torch's dtype names.
+DTYPES: dict[str, tuple[int, int]] = {
+    "float32": (1, 4),
+    "float16": (2, 2),
+    "bfloat16": (3, 2),
+    "float8_e4m3fn": (4, 1),
+    "float8_e5m2": (5, 1),
+    "uint8": (6, 1),
 }
 DTYPE_BY_ID = {num: name for name, (num, _) in DTYPES.items()}
-_NAME_BY_TORCH = {tdt: name for name, (_, tdt) in DTYPES.items()}
 
 
-def dtype_name(dtype: str | torch.dtype) -> str:
+def dtype_name(dtype: "str | torch.dtype") -> str:
     """Normalise a torch dtype or a name ('bf16', 'bfloat16', torch.bfloat16) to our canonical name."""
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _NAME_BY_TORCH:
-            raise InvalidArgument(f"unsupported KV dtype {dtype}")
-        return _NAME_BY_TORCH[dtype]
     aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
                "float": "float32", "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn",
                "fp8_e5m2": "float8_e5m2"}
@@ -43,12 +42,14 @@ def dtype_name(dtype: str | torch.dtype) -> str:
     return name
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    return DTYPES[dtype_name(name)][1]
+def torch_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    return getattr(torch, dtype_name(name))
 
 
 def dtype_itemsize(name: str) -> int:
-    return torch.empty((), dtype=torch_dtype(name)).element_size()
+    return DTYPES[dtype_name(name)][1]
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class Geometry:
         return self.numel * dtype_itemsize(self.dtype)
 
     @property
-    def torch_dtype(self) -> torch.dtype:
+    def torch_dtype(self) -> "torch.dtype":
         return torch_dtype(self.dtype)
 
     @classmethod

@@ -79,6 +79,7 @@ def test_disconnect_mid_frame_and_mid_request_leaves_agent_serving(agent):
     client = agent.client()
     keys = client.keys(range(32))
     client.put(keys, small_chunks(2))
+    client.flush(timeout=30)  # write-behind pins queued chunks until they are on disk
     raw = Raw(agent.socket_path)
     raw.send_bytes(struct.pack("<I", 100) + b"\x92\xa5")  # promises 100 bytes, sends 2, hangs up
     raw.close()
@@ -145,6 +146,7 @@ def test_leases_and_reservations_expire_for_stuck_clients(start_agent):
     client = agent.client()
     keys = client.keys(range(32))
     client.put(keys, small_chunks(2))
+    client.flush(timeout=30)
     raw = Raw(agent.socket_path)
     register(raw)
     raw_result(raw.call("acquire", {"ns": SMALL_NS.digest, "keys": b"".join(keys)}))
