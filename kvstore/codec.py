@@ -10,6 +10,7 @@ turn into a miss.
 from __future__ import annotations
 
 import struct
+import warnings
 from dataclasses import dataclass, replace
 
 import xxhash
@@ -359,7 +360,9 @@ def _byte_tensor(payload) -> torch.Tensor:
         raise InvalidArgument(f"payload must be bytes-like or a uint8 tensor, got {type(payload).__name__}") from None
     if view.nbytes == 0:  # torch.frombuffer rejects empty buffers
         return torch.empty(0, dtype=torch.uint8)
-    return torch.frombuffer(view, dtype=torch.uint8)
+    with warnings.catch_warnings():  # read-only input (bytes) is fine: decode never writes to it
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(view, dtype=torch.uint8)
 
 
 def _expect_len(header: ChunkHeader, expected: int) -> None:
