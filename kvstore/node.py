@@ -146,7 +146,7 @@ class NodeStore:
     def _disk_has(self, keys: list[bytes], ns: bytes) -> np.ndarray:
         if self.disk is None or not keys:
             return np.zeros(len(keys), dtype=bool)
-        return np.asarray(self.disk.contains(keys), dtype=bool)
+        return np.asarray(self.disk.contains(keys, ns), dtype=bool)
 
     def lookup(self, digest: bytes, keys: list[bytes]) -> dict:
         """Longest contiguous run of stored chunks from the first key, with each chunk's tier."""
@@ -297,7 +297,9 @@ class NodeStore:
                     eid = -1
                     reasons[i] = "namespace"
                 if eid < 0:
-                    size = self.disk.record_nbytes(keys[i]) if self.disk is not None and i not in reasons else None
+                    size = None
+                    if self.disk is not None and i not in reasons and self._disk_has([keys[i]], digest)[0]:
+                        size = self.disk.record_nbytes(keys[i])
                     if size is None or keys[i] in self._inflight:
                         reasons.setdefault(i, "not_found")
                     else:
