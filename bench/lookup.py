@@ -53,7 +53,7 @@ def _populate(client: LocalClient, first_prompt: int, prompts: int) -> None:
 
 
 def _prompt_tokens(p: int) -> np.ndarray:
-    return np.arange(PREFIX_CHUNKS * TINY.tokens, dtype=np.int64) + p * (1 << 20)
+    return np.arange(PREFIX_CHUNKS * TINY.tokens, dtype=np.int64) + p * PREFIX_CHUNKS * TINY.tokens
 
 
 def _measure(client: LocalClient, prompts: int, rng: np.random.Generator) -> tuple[float, float]:

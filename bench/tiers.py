@@ -1,7 +1,9 @@
 """`kvstore bench tiers`: CPU arena and SSD tier throughput against memcpy and plain file I/O.
 
-All figures come from one run on the same chunk bytes:
-- memcpy_gbps: numpy copy of chunk_bytes between two warm buffers;
+All figures come from one run on the same chunk bytes. This machine's throughput drifts between seconds
+(shared hosts), so each figure is the median of several trials, and every store trial is interleaved
+with its baseline trial so both see the same conditions:
+- memcpy_gbps: numpy copy of the same chunks (the same working set, chunk by chunk) into a second buffer;
 - cpu_put_gbps / cpu_get_gbps: a client process (this one) putting / getting chunks through an agent
   process: reserve + copy into the arena + commit, and acquire + copy out + release, round trips included;
 - disk_write_gbps: put + write-behind until flush() returns (the data is fsynced on disk);
@@ -34,17 +36,13 @@ def _gbps(nbytes: int, seconds: float) -> float:
     return round(nbytes / seconds / 1e9, 3)
 
 
-def _memcpy_gbps(nbytes: int, repeat: int) -> float:
-    src = np.random.randint(0, 255, nbytes, dtype=np.uint8)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(repeat):
-            np.copyto(dst, src)
-        best = min(best, time.perf_counter() - start)
-    return _gbps(nbytes * repeat, best)
+def _memcpy_seconds(data: torch.Tensor, dst: np.ndarray) -> float:
+    """Copy every chunk of `data` into `dst` with numpy, chunk by chunk (what a store copy does)."""
+    src = data.view(torch.uint8).reshape(data.shape[0], -1).numpy()
+    start = time.perf_counter()
+    for i in range(src.shape[0]):
+        np.copyto(dst[i], src[i])
+    return time.perf_counter() - start
 
 
 def _chunks(geometry: Geometry, n: int) -> torch.Tensor:
@@ -62,97 +60,119 @@ def _drop_page_cache(directory: str) -> None:
                 os.close(fd)
 
 
-def _cpu_round(client: LocalClient, geometry: Geometry, data: torch.Tensor, batch: int, rounds: int,
-               namespace_seed: int) -> tuple[float, float]:
-    """Best-of-`rounds` put and get throughput for `data` in requests of `batch` chunks."""
+def _cpu_trials(client: LocalClient, geometry: Geometry, data: torch.Tensor, batch: int, trials: int):
+    """Per trial: (memcpy s, put s, get s) for all of `data`, in requests of `batch` chunks."""
     n = data.shape[0]
     out = torch.empty_like(data)
-    put_best = get_best = float("inf")
-    for r in range(rounds):
-        tokens = np.arange(n * geometry.tokens) + (namespace_seed + r) * 10_000_000
-        keys = client.keys(tokens)
+    scratch = np.empty((n, geometry.nbytes), dtype=np.uint8)
+    scratch.fill(0)  # fault its pages in: the store's arena is pre-faulted too
+    results = []
+    for trial in range(trials):
+        keys = client.keys(np.arange(n * geometry.tokens) + trial * n * geometry.tokens)
+        memcpy_s = _memcpy_seconds(data, scratch)
         start = time.perf_counter()
         for i in range(0, n, batch):
             result = client.put(keys[i:i + batch], data[i:i + batch])
-            assert result.stored == len(keys[i:i + batch]), result
-        put_best = min(put_best, time.perf_counter() - start)
+            if result.stored != len(keys[i:i + batch]):
+                raise RuntimeError(f"put stored {result.stored} of {len(keys[i:i + batch])}")
+        put_s = time.perf_counter() - start
+        out.zero_()
         start = time.perf_counter()
         for i in range(0, n, batch):
-            got = client.get(keys[i:i + batch], out=out[i:i + batch])
-            assert got.shape[0] == len(keys[i:i + batch])
-        get_best = min(get_best, time.perf_counter() - start)
-        if r == 0 and not torch.equal(out, data):
+            if client.get(keys[i:i + batch], out=out[i:i + batch]).shape[0] != len(keys[i:i + batch]):
+                raise RuntimeError("chunks missing from the arena")
+        get_s = time.perf_counter() - start
+        if not torch.equal(out.view(torch.uint8), data.view(torch.uint8)):
             raise AssertionError("bytes read back differ from bytes written")
         client.evict(keys, tiers=("cpu",))
-    return put_best, get_best
+        results.append((memcpy_s, put_s, get_s))
+    return results
+
+
+def _median(values) -> float:
+    return float(np.median(np.asarray(values, dtype=float)))
 
 
 def run(args) -> dict:
     geometry = Geometry.parse(args.geometry)
     chunk_bytes = geometry.nbytes
+    trials = max(3, args.trials)
     workdir = bench_dir(args)
     try:
-        result = {"geometry": args.geometry, "chunk_bytes": chunk_bytes}
-        # CPU tier: enough chunks for ~192 MiB per round, in requests of 8 chunks (a 2k-token prompt).
-        n_cpu = args.chunks or max(8, min(256, (192 << 20) // chunk_bytes))
-        batch = min(8, n_cpu)
-        result["memcpy_gbps"] = _memcpy_gbps(chunk_bytes, max(1, (256 << 20) // chunk_bytes))
+        result: dict = {"geometry": args.geometry, "chunk_bytes": chunk_bytes, "trials": trials}
+        namespace = Namespace(model="bench-tiers", chunk_tokens=geometry.tokens, kv_dtype=geometry.dtype)
+        slab = max(64 << 20, 1 << (chunk_bytes + 4096).bit_length())
+        batch = 8  # chunks per request: a 2k-token prompt at 256 tokens per chunk
+
+        # CPU tier: ~192 MiB per trial (well beyond the CPU caches, like a real prompt's KV).
+        n_cpu = args.chunks or max(batch, min(256, (192 << 20) // chunk_bytes))
         data = _chunks(geometry, n_cpu)
         arena = max(512 << 20, 3 * n_cpu * (chunk_bytes + 8192))
-        slab = max(64 << 20, 1 << (chunk_bytes + 4096).bit_length())
-        namespace = Namespace(model="bench-tiers", chunk_tokens=geometry.tokens, kv_dtype=geometry.dtype)
         with agent_process({"cpu.arena_bytes": arena, "cpu.slab_bytes": slab, "disk.enabled": False},
                            workdir) as (socket_path, _):
             with LocalClient(namespace, geometry, socket_path=socket_path) as client:
-                log(f"cpu tier: {n_cpu} chunks of {chunk_bytes} bytes, {batch} per request")
-                _cpu_round(client, geometry, data, batch, 1, 1)  # warm-up
-                put_s, get_s = _cpu_round(client, geometry, data, batch, 3, 2)
-        result["cpu_put_gbps"] = _gbps(n_cpu * chunk_bytes, put_s)
-        result["cpu_get_gbps"] = _gbps(n_cpu * chunk_bytes, get_s)
+                log(f"cpu tier: {n_cpu} chunks of {chunk_bytes} bytes, {batch} per request, {trials} trials")
+                _cpu_trials(client, geometry, data, batch, 1)  # warm-up
+                cpu = _cpu_trials(client, geometry, data, batch, trials)
+        total = n_cpu * chunk_bytes
+        result["memcpy_gbps"] = _gbps(total, _median([m for m, _, _ in cpu]))
+        result["cpu_put_gbps"] = _gbps(total, _median([p for _, p, _ in cpu]))
+        result["cpu_get_gbps"] = _gbps(total, _median([g for _, _, g in cpu]))
+        result["cpu_put_vs_memcpy"] = round(_median([m / p for m, p, _ in cpu]), 3)
+        result["cpu_get_vs_memcpy"] = round(_median([m / g for m, _, g in cpu]), 3)
+        del data
 
-        # Disk tier: ~384 MiB through write-behind, then cold reads through promotion.
-        n_disk = args.chunks or max(16, min(512, (384 << 20) // chunk_bytes))
+        # Disk tier: ~256 MiB per trial through write-behind, then cold reads through promotion.
+        n_disk = args.chunks or max(batch, min(512, (256 << 20) // chunk_bytes))
         data = _chunks(geometry, n_disk)
         disk_dir = str(Path(workdir) / "disk")
         batch_bytes = 4 << 20
         settings = {"cpu.arena_bytes": max(512 << 20, 2 * n_disk * (chunk_bytes + 8192)), "cpu.slab_bytes": slab,
-                    "disk.path": disk_dir, "disk.capacity_bytes": 4 * n_disk * (chunk_bytes + 8192) + GiB,
+                    "disk.path": disk_dir, "disk.capacity_bytes": 2 * trials * n_disk * (chunk_bytes + 8192) + GiB,
                     "disk.batch_bytes": batch_bytes, "disk.queue_bytes": max(256 << 20, 2 * slab),
                     "disk.segment_bytes": max(256 << 20, 2 * slab)}
+        disk = []
         with agent_process(settings, workdir) as (socket_path, _):
             with LocalClient(namespace, geometry, socket_path=socket_path) as client:
-                keys = client.keys(np.arange(n_disk * geometry.tokens))
-                log(f"disk tier: {n_disk} chunks through write-behind")
-                start = time.perf_counter()
-                for i in range(0, n_disk, batch):
-                    client.put(keys[i:i + batch], data[i:i + batch])
-                if not client.flush(timeout=600):
-                    raise RuntimeError("write-behind did not finish")
-                write_s = time.perf_counter() - start
-                client.evict(keys, tiers=("cpu",))
-                _drop_page_cache(disk_dir)
-                out = torch.empty_like(data)
-                start = time.perf_counter()
-                for i in range(0, n_disk, batch):
-                    got = client.get(keys[i:i + batch], out=out[i:i + batch])
-                    if got.shape[0] != len(keys[i:i + batch]):
-                        raise RuntimeError("chunks missing on the disk tier")
-                read_s = time.perf_counter() - start
-                if not torch.equal(out, data):
-                    raise AssertionError("bytes read back from disk differ from bytes written")
-        result["disk_write_gbps"] = _gbps(n_disk * chunk_bytes, write_s)
-        result["disk_read_gbps"] = _gbps(n_disk * chunk_bytes, read_s)
-
-        raw_write_s, raw_read_s = _raw_file_io(str(Path(workdir) / "raw.bin"), data, batch_bytes)
-        result["disk_raw_write_gbps"] = _gbps(n_disk * chunk_bytes, raw_write_s)
-        result["disk_raw_read_gbps"] = _gbps(n_disk * chunk_bytes, raw_read_s)
-        result["cpu_put_vs_memcpy"] = round(result["cpu_put_gbps"] / result["memcpy_gbps"], 3)
-        result["cpu_get_vs_memcpy"] = round(result["cpu_get_gbps"] / result["memcpy_gbps"], 3)
-        result["disk_write_vs_raw"] = round(result["disk_write_gbps"] / result["disk_raw_write_gbps"], 3)
-        result["disk_read_vs_raw"] = round(result["disk_read_gbps"] / result["disk_raw_read_gbps"], 3)
+                log(f"disk tier: {n_disk} chunks through write-behind, {trials} trials")
+                for trial in range(trials):
+                    raw_w, raw_r = _raw_file_io(str(Path(workdir) / "raw.bin"), data, batch_bytes)
+                    keys = client.keys(np.arange(n_disk * geometry.tokens) + trial * n_disk * geometry.tokens)
+                    write_s, read_s = _disk_trial(client, keys, data, batch, disk_dir)
+                    disk.append((raw_w, raw_r, write_s, read_s))
+        total = n_disk * chunk_bytes
+        result["disk_write_gbps"] = _gbps(total, _median([w for _, _, w, _ in disk]))
+        result["disk_read_gbps"] = _gbps(total, _median([r for _, _, _, r in disk]))
+        result["disk_raw_write_gbps"] = _gbps(total, _median([w for w, _, _, _ in disk]))
+        result["disk_raw_read_gbps"] = _gbps(total, _median([r for _, r, _, _ in disk]))
+        result["disk_write_vs_raw"] = round(_median([rw / w for rw, _, w, _ in disk]), 3)
+        result["disk_read_vs_raw"] = round(_median([rr / r for _, rr, _, r in disk]), 3)
         return result
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _disk_trial(client: LocalClient, keys, data: torch.Tensor, batch: int, disk_dir: str) -> tuple[float, float]:
+    """Seconds to put `data` and have write-behind fsync it; then seconds to read it back cold."""
+    n = data.shape[0]
+    start = time.perf_counter()
+    for i in range(0, n, batch):
+        client.put(keys[i:i + batch], data[i:i + batch])
+    if not client.flush(timeout=600):
+        raise RuntimeError("write-behind did not finish")
+    write_s = time.perf_counter() - start
+    client.evict(keys, tiers=("cpu",))
+    _drop_page_cache(disk_dir)
+    out = torch.empty_like(data)
+    start = time.perf_counter()
+    for i in range(0, n, batch):
+        if client.get(keys[i:i + batch], out=out[i:i + batch]).shape[0] != len(keys[i:i + batch]):
+            raise RuntimeError("chunks missing on the disk tier")
+    read_s = time.perf_counter() - start
+    if not torch.equal(out.view(torch.uint8), data.view(torch.uint8)):
+        raise AssertionError("bytes read back from disk differ from bytes written")
+    client.evict(keys, tiers=("cpu",))
+    return write_s, read_s
 
 
 def _raw_file_io(path: str, data: torch.Tensor, batch_bytes: int) -> tuple[float, float]:

@@ -30,7 +30,7 @@ from .errors import AgentUnavailable, CorruptChunk, InvalidArgument, LeaseExpire
 from .keys import ChunkKey, Namespace, chunk_keys
 from .layout import Geometry
 from .node import RESERVE_EXISTS, RESERVE_NO_SPACE, TIER_NAMES, _geometry_wire
-from .protocol import NO_REPLY, PROTOCOL_VERSION, ConnectionClosed, pack, raise_for_reply, read_frame
+from .protocol import NO_REPLY, PROTOCOL_VERSION, ConnectionClosed, FrameReader, pack, raise_for_reply
 from .tiers.cpu import map_arena
 
 _LEASE_MARGIN_S = 1.0  # stop touching a slot this long before the agent may reclaim it
@@ -45,7 +45,12 @@ def _lease_deadline(sent: float, ttl: float) -> float:
 class LookupResult:
     chunks: int  # stored chunks from the start of the prompt
     tokens: int  # chunks * chunk_tokens
-    tiers: tuple[str, ...]  # tier of each matched chunk
+    tier_codes: bytes  # tier of each matched chunk, as wire codes (docs/local-protocol.md)
+
+    @property
+    def tiers(self) -> tuple[str, ...]:
+        """Tier name of each matched chunk ('gpu', 'cpu', 'disk', 'remote')."""
+        return tuple(TIER_NAMES[t] for t in self.tier_codes)
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,7 @@ class AgentConnection:
             raise AgentUnavailable(f"no kvstore agent at {self.socket_path} ({exc}); start one with "
                                    f"`kvstore serve`") from None
         self._sock = sock
-        self._rfile = sock.makefile("rb", buffering=1 << 16)
+        self._frames = FrameReader(sock, 1 << 30)
         hello = self.call("hello", {"version": PROTOCOL_VERSION})
         if self._arena_path != hello["arena_path"]:
             self._mmap = map_arena(hello["arena_path"], hello["arena_bytes"], populate=hello["prefault"])
@@ -105,7 +110,7 @@ class AgentConnection:
             self._sock.sendall(pack([op, args]))
             if op in NO_REPLY:
                 return None
-            reply = read_frame(self._rfile, 1 << 30)
+            reply = self._frames.read()
             if timeout is not None:
                 self._sock.settimeout(self.timeout)
         except (OSError, ConnectionClosed) as exc:
@@ -121,7 +126,6 @@ class AgentConnection:
     def close(self) -> None:
         if self._sock is not None:
             try:
-                self._rfile.close()  # the buffered reader holds the fd open too
                 self._sock.close()
             finally:
                 self._sock = None
@@ -186,7 +190,7 @@ class LocalClient:
             tiers += reply["tiers"]
             if reply["matched"] * 16 < len(blob):
                 break
-        return LookupResult(matched, matched * self.geometry.tokens, tuple(TIER_NAMES[t] for t in tiers))
+        return LookupResult(matched, matched * self.geometry.tokens, tiers)
 
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
         out: list[bool] = []

@@ -30,10 +30,10 @@ from .config import KVStoreConfig, resolve_auto
 from .errors import (AgentUnavailable, CapacityExhausted, ChunkTooLarge, CorruptChunk, GeometryMismatch,
                      InvalidArgument, KVStoreError, NotFound, ProtocolError)
 from .layout import Geometry
-from .protocol import NO_REPLY, PROTOCOL_VERSION, ConnectionClosed, error_reply, pack, read_frame, split_keys
+from .protocol import NO_REPLY, PROTOCOL_VERSION, ConnectionClosed, FrameReader, error_reply, pack, split_keys
 from .tiers.cpu import CpuTier
 from .tiers.disk import DiskTier
-from .tiers.memory import FLAG_ON_DISK, FLAG_QUEUED
+from .tiers.memory import FLAG_ON_DISK, FLAG_QUEUED, pack_keys
 
 log = logging.getLogger("kvstore.agent")
 
@@ -94,6 +94,7 @@ class NodeStore:
         self._inflight: set[bytes] = set()  # keys reserved but not committed
         self._queue: deque[tuple[int, bytes]] = deque()  # write-behind (eid, key), entries pinned
         self._queue_bytes = 0
+        self._deferred: deque[bytes] = deque()  # committed while the queue was full: queued as it drains
         self._writing: set[bytes] = set()
         self._doomed: set[bytes] = set()  # deleted while being written: delete again once written
         self._queue_cv = threading.Condition(self.lock)
@@ -148,42 +149,36 @@ class NodeStore:
             return np.zeros(len(keys), dtype=bool)
         return np.asarray(self.disk.contains(keys, ns), dtype=bool)
 
-    def lookup(self, digest: bytes, keys: list[bytes]) -> dict:
-        """Longest contiguous run of stored chunks from the first key, with each chunk's tier."""
-        info = self._namespace(digest)
+    def _tiers(self, info: _NamespaceInfo, blob: bytes) -> np.ndarray:
+        """Tier code of every key in a blob of 16-byte keys (0 = not stored in this namespace)."""
+        packed = pack_keys(blob)
         with self.lock:
-            eids = self.cpu.find(keys)
-            tiers = np.where(eids >= 0, TIER_CPU, TIER_NONE).astype(np.uint8)
+            eids = self.cpu.find_packed(packed)
             hit = eids >= 0
-            if hit.any():
-                wrong_ns = hit.copy()
-                wrong_ns[hit] = self.cpu.slots(eids[hit])[2] != info.ns_id
-                tiers[wrong_ns] = TIER_NONE
+            wrong_ns = hit & (self.cpu.namespace_ids(eids) != info.ns_id)
+            if wrong_ns.any():  # same key under another namespace: a miss with a reason, never its data
                 self.counters.add("miss_namespace", int(wrong_ns.sum()))
-            rest = np.flatnonzero(tiers == TIER_NONE)
-            if rest.size and self.disk is not None:
-                on_disk = self._disk_has([keys[i] for i in rest], digest)
+                hit &= ~wrong_ns
+            tiers = np.where(hit, TIER_CPU, TIER_NONE).astype(np.uint8)
+            if self.disk is not None and not hit.all():
+                rest = np.flatnonzero(~hit)
+                on_disk = self._disk_has([blob[16 * i:16 * i + 16] for i in rest.tolist()], info.digest)
                 tiers[rest[on_disk]] = TIER_DISK
+        return tiers
+
+    def lookup(self, digest: bytes, blob: bytes) -> dict:
+        """Longest contiguous run of stored chunks from the first key, with each chunk's tier."""
+        tiers = self._tiers(self._namespace(digest), blob)
         misses = np.flatnonzero(tiers == TIER_NONE)
-        matched = int(misses[0]) if misses.size else len(keys)
+        matched = int(misses[0]) if misses.size else len(tiers)
         self.counters.add("lookups")
         self.counters.add("lookup_hit_chunks", matched)
-        self.counters.add("lookup_miss_chunks", len(keys) - matched)
+        self.counters.add("lookup_miss_chunks", len(tiers) - matched)
         return {"matched": matched, "tiers": tiers[:matched].tobytes()}
 
-    def contains(self, digest: bytes, keys: list[bytes]) -> bytes:
+    def contains(self, digest: bytes, blob: bytes) -> bytes:
         """Per-key tier code (0 = absent), not only the prefix."""
-        info = self._namespace(digest)
-        with self.lock:
-            eids = self.cpu.find(keys)
-            tiers = np.where(eids >= 0, TIER_CPU, TIER_NONE).astype(np.uint8)
-            if (eids >= 0).any():
-                hit = np.flatnonzero(eids >= 0)
-                tiers[hit[self.cpu.slots(eids[hit])[2] != info.ns_id]] = TIER_NONE
-            rest = np.flatnonzero(tiers == TIER_NONE)
-            if rest.size:
-                tiers[rest[self._disk_has([keys[i] for i in rest], digest)]] = TIER_DISK
-        return tiers.tobytes()
+        return self._tiers(self._namespace(digest), blob).tobytes()
 
     # ---- put: reserve, (client writes), commit ---------------------------------------------------
     def reserve(self, conn: int, digest: bytes, keys: list[bytes], sizes: list[int]) -> dict:
@@ -457,10 +452,12 @@ class NodeStore:
 
     # ---- write-behind ----------------------------------------------------------------------------
     def _enqueue(self, eid: int, key: bytes) -> None:
-        """Queue a committed arena chunk for disk (caller holds the lock). A full queue skips it."""
+        """Queue a committed arena chunk for disk (caller holds the lock). While the queue is full the
+        key waits in `_deferred` (unpinned: under memory pressure it may be evicted before it is written)."""
         nbytes = self.cpu.entry(eid)[2]
-        if self._queue_bytes + nbytes > self.cfg.disk.queue_bytes:
-            self.counters.add("writebehind_skipped")
+        if self._queue_bytes and self._queue_bytes + nbytes > self.cfg.disk.queue_bytes:
+            self._deferred.append(key)
+            self.counters.add("writebehind_deferred")
             return
         self.cpu.pin(np.array([eid]))
         self.cpu.set_flags(eid, set_bits=FLAG_QUEUED)
@@ -481,6 +478,17 @@ class NodeStore:
             else:
                 kept.append((eid, key))
         self._queue = kept
+
+    def _requeue_deferred(self) -> None:
+        """Move deferred keys into the queue while it has room (caller holds the lock)."""
+        while self._deferred and self._queue_bytes < self.cfg.disk.queue_bytes:
+            key = self._deferred.popleft()
+            eid = int(self.cpu.find([key])[0])
+            if eid >= 0 and not self.cpu.entry(eid)[4] & (FLAG_ON_DISK | FLAG_QUEUED):
+                self._enqueue(eid, key)
+                if self._deferred and self._deferred[-1] is key:  # still no room after all
+                    self._deferred.appendleft(self._deferred.pop())
+                    break
 
     def _take_batch(self) -> list[tuple[int, bytes]]:
         """Wait for queued chunks; gather at least batch_bytes (or what came within a short linger)."""
@@ -530,6 +538,7 @@ class NodeStore:
                 self._doomed.difference_update(doomed)
                 if ok:
                     self.counters.add("writebehind_chunks", len(batch))
+                self._requeue_deferred()
                 self._queue_cv.notify_all()
             if doomed:
                 self.disk.delete(doomed)
@@ -538,10 +547,11 @@ class NodeStore:
         """Wait until every queued chunk is on disk (or `timeout` passes)."""
         deadline = time.monotonic() + timeout
         with self._queue_cv:
-            while (self._queue or self._writing) and not self._stopping:
+            while (self._queue or self._writing or self._deferred) and not self._stopping:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return {"flushed": False, "queued": len(self._queue) + len(self._writing)}
+                    return {"flushed": False,
+                            "queued": len(self._queue) + len(self._writing) + len(self._deferred)}
                 self._queue_cv.wait(min(left, 0.1))
         return {"flushed": True, "queued": 0}
 
@@ -554,6 +564,7 @@ class NodeStore:
                 "reservations": len(self._reservations),
                 "writebehind_queue_bytes": self._queue_bytes,
                 "writebehind_queue_chunks": len(self._queue),
+                "writebehind_deferred_chunks": len(self._deferred),
                 "tiers": {"cpu": self.cpu.stats()},
                 "counters": dict(self.counters.values),
             }
@@ -608,11 +619,9 @@ class AgentServer:
         _remove_stale_socket(socket_path)
         agent = self
 
-        class Handler(socketserver.StreamRequestHandler):
-            rbufsize = 1 << 16
-
+        class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
-                agent._serve_connection(self.request, self.rfile)
+                agent._serve_connection(self.request)
 
         class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             daemon_threads = True
@@ -653,14 +662,14 @@ class AgentServer:
         except FileNotFoundError:
             pass
 
-    def _serve_connection(self, sock: socket.socket, rfile) -> None:
+    def _serve_connection(self, sock: socket.socket) -> None:
         conn = next(self._conn_ids)
         self._live[conn] = sock
-        max_frame = self.store.cfg.agent.max_frame_bytes
+        frames = FrameReader(sock, self.store.cfg.agent.max_frame_bytes)
         try:
             while True:
                 try:
-                    request = read_frame(rfile, max_frame)
+                    request = frames.read()
                 except ProtocolError as exc:
                     sock.sendall(pack(error_reply(exc)))
                     if "exceeds" in str(exc):
@@ -691,12 +700,18 @@ class AgentServer:
             log.exception("op %s failed", op)
             return op, error_reply(KVStoreError(f"internal error in {op}: {exc}"))
 
-    def _keys(self, args: dict) -> list[bytes]:
-        keys = split_keys(_arg(args, "keys", bytes))
-        if len(keys) > self.store.cfg.agent.max_batch_chunks:
-            raise InvalidArgument(f"{len(keys)} keys exceed agent.max_batch_chunks "
+    def _key_blob(self, args: dict) -> bytes:
+        """The request's keys as one blob of 16-byte keys, checked for shape and batch size."""
+        blob = _arg(args, "keys", bytes)
+        if len(blob) % 16:
+            raise InvalidArgument("keys must be a binary blob whose length is a multiple of 16")
+        if len(blob) // 16 > self.store.cfg.agent.max_batch_chunks:
+            raise InvalidArgument(f"{len(blob) // 16} keys exceed agent.max_batch_chunks "
                                   f"({self.store.cfg.agent.max_batch_chunks})")
-        return keys
+        return blob
+
+    def _keys(self, args: dict) -> list[bytes]:
+        return split_keys(self._key_blob(args))
 
     # handlers: argument checking and wire shapes only
     def _hello(self, conn: int, args: dict) -> dict:
@@ -714,10 +729,10 @@ class AgentServer:
                                    _arg(args, "description", dict, {}))
 
     def _lookup(self, conn: int, args: dict) -> dict:
-        return self.store.lookup(_arg(args, "ns", bytes), self._keys(args))
+        return self.store.lookup(_arg(args, "ns", bytes), self._key_blob(args))
 
     def _contains(self, conn: int, args: dict) -> bytes:
-        return self.store.contains(_arg(args, "ns", bytes), self._keys(args))
+        return self.store.contains(_arg(args, "ns", bytes), self._key_blob(args))
 
     def _reserve(self, conn: int, args: dict) -> dict:
         return self.store.reserve(conn, _arg(args, "ns", bytes), self._keys(args), _arg(args, "sizes", list))

@@ -10,7 +10,7 @@ import msgpack
 import pytest
 
 from kvstore.codec import HEADER_BYTES, ChunkHeader
-from kvstore.protocol import PROTOCOL_VERSION, pack, raise_for_reply, read_frame
+from kvstore.protocol import PROTOCOL_VERSION, FrameReader, pack, raise_for_reply
 from kvstore.errors import InvalidArgument, NotFound
 
 from .conftest import SMALL, SMALL_NS, small_chunks
@@ -23,20 +23,19 @@ class Raw:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(5)
         self.sock.connect(path)
-        self.rfile = self.sock.makefile("rb")
+        self.frames = FrameReader(self.sock, 1 << 24)
 
     def send_bytes(self, data: bytes) -> None:
         self.sock.sendall(data)
 
     def reply(self):
-        return read_frame(self.rfile, 1 << 24)
+        return self.frames.read()
 
     def call(self, op, args):
         self.sock.sendall(pack([op, args]))
         return self.reply()
 
     def close(self):
-        self.rfile.close()  # the reader holds the fd open too
         self.sock.close()
 
 

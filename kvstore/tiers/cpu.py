@@ -19,6 +19,31 @@ from ..errors import ConfigError
 from .memory import MemoryTier
 
 PAGE = 4096
+ARENA_PREFIX = "kvstore-arena-"
+
+
+def remove_stale_arenas(shm_dir: str) -> list[str]:
+    """Unlink arena files whose agent (the pid in the name) is gone, e.g. after a SIGKILL."""
+    removed = []
+    for path in Path(shm_dir).glob(f"{ARENA_PREFIX}*"):
+        pid = path.name[len(ARENA_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            try:
+                path.unlink()
+                removed.append(str(path))
+            except OSError:
+                pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def map_arena(path: str, nbytes: int, populate: bool) -> mmap.mmap:
@@ -41,7 +66,8 @@ class ShmArena:
         if not directory.is_dir():
             raise ConfigError(f"cpu.shm_dir: {shm_dir} is not a directory")
         self.capacity = capacity
-        self.path = str(directory / (name or f"kvstore-arena-{os.getpid()}-{secrets.token_hex(4)}"))
+        remove_stale_arenas(shm_dir)
+        self.path = str(directory / (name or f"{ARENA_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"))
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             if prefault:

@@ -1,8 +1,14 @@
 """A tier of chunks held in one byte region: the logic shared by the CPU arena and the GPU pool.
 
-It keeps the index (key -> entry id), each entry's slot, size, namespace id, pin count and flags in
-numpy arrays (a few bytes per entry), a slab pool for space and an eviction policy for order. What
-backs the region (shared memory, a device tensor) is the `backing` object's business.
+It keeps the index, each entry's slot, size, namespace id, pin count and flags in numpy arrays (a few
+bytes per entry), a slab pool for space and an eviction policy for order. What backs the region
+(shared memory, a device tensor) is the `backing` object's business.
+
+The index maps the low 64 bits of a 16-byte key (a Python int: cheaper to hash, and to make from a
+request's key blob in one vectorised step, than a bytes object) to an entry id. Keys are xxh3-128
+digests, so their low halves are uniform. Both halves are kept in numpy arrays and checked on every
+find, so a shared low half is a miss, never another chunk; of two keys sharing a low half (odds ~2^-64
+per pair) only the first can be stored: the second insert is refused, as a duplicate is.
 
 Invariants:
 - an entry with pins > 0 is never evicted or removed by eviction;
@@ -12,6 +18,7 @@ Invariants:
 
 from __future__ import annotations
 
+import struct
 import threading
 from typing import Callable, Protocol, Sequence
 
@@ -25,6 +32,13 @@ FLAG_ON_DISK = 0x01  # a durable copy exists on the disk tier
 FLAG_QUEUED = 0x02  # waiting for write-behind (and pinned for it)
 
 _UNHELPFUL_EVICTIONS = 32  # evictions of other classes before freeing a whole slab instead
+_KEY = struct.Struct("<QQ")
+
+
+def pack_keys(keys: bytes | Sequence[bytes]) -> np.ndarray:
+    """16-byte keys (a blob or a sequence) as an [n, 2] uint64 array of (low, high) halves, no copy of a blob."""
+    blob = keys if isinstance(keys, (bytes, bytearray, memoryview)) else b"".join(keys)
+    return np.frombuffer(blob, dtype="<u8").reshape(-1, 2)
 
 
 class Backing(Protocol):
@@ -46,9 +60,11 @@ class MemoryTier:
         self.policy = make_policy(policy)
         self.on_evict = on_evict
         self.lock = threading.RLock()
-        self._index: dict[bytes, int] = {}
-        self._keys: list[bytes | None] = []
+        self._index: dict[int, int] = {}  # low key half -> entry id
+        self._keys: list[int | None] = []  # entry id -> low key half (None: free id)
         self._free_eids: list[int] = []
+        self._lo = np.zeros(1024, dtype=np.uint64)  # key halves
+        self._hi = np.zeros(1024, dtype=np.uint64)
         self._offset = np.zeros(1024, dtype=np.int64)
         self._nbytes = np.zeros(1024, dtype=np.int64)
         self._pins = np.zeros(1024, dtype=np.int32)
@@ -106,7 +122,7 @@ class MemoryTier:
         if eid < self._offset.size:
             return
         size = self._offset.size * 2
-        for name in ("_offset", "_nbytes", "_pins", "_ns", "_flags"):
+        for name in ("_lo", "_hi", "_offset", "_nbytes", "_pins", "_ns", "_flags"):
             old = getattr(self, name)
             new = np.zeros(size, dtype=old.dtype)
             new[: old.size] = old
@@ -115,18 +131,22 @@ class MemoryTier:
     def insert(self, key: bytes, offset: int, nbytes: int, ns_id: int, flags: int = 0) -> bool:
         """Index an allocated slot under `key`. If `key` is already indexed the slot is freed and False
         is returned (first writer wins: both wrote the same prefix)."""
+        if len(key) != 16:
+            raise ValueError(f"keys are 16 bytes, got {len(key)}")
+        low, high = _KEY.unpack(key)
         with self.lock:
-            if key in self._index:
+            if low in self._index:  # the same key, or (odds ~2^-64) one sharing its low half
                 self.pool.free(offset)
                 return False
             if self._free_eids:
                 eid = self._free_eids.pop()
-                self._keys[eid] = key
+                self._keys[eid] = low
             else:
                 eid = len(self._keys)
-                self._keys.append(key)
+                self._keys.append(low)
                 self._grow(eid)
-            self._index[key] = eid
+            self._index[low] = eid
+            self._lo[eid], self._hi[eid] = low, high
             self._offset[eid] = offset
             self._nbytes[eid] = nbytes
             self._pins[eid] = 0
@@ -136,10 +156,14 @@ class MemoryTier:
             self.policy.inserted(eid, key)
             return True
 
+    def key_of(self, eid: int) -> bytes:
+        return _KEY.pack(int(self._lo[eid]), int(self._hi[eid]))
+
     def _remove(self, eid: int) -> bytes:
-        key = self._keys[eid]
-        assert key is not None and self._pins[eid] == 0
-        del self._index[key]
+        low = self._keys[eid]
+        assert low is not None and self._pins[eid] == 0
+        key = self.key_of(eid)
+        del self._index[low]
         self._keys[eid] = None
         self._free_eids.append(eid)
         self.pool.free(int(self._offset[eid]))
@@ -147,13 +171,22 @@ class MemoryTier:
         self.policy.removed(eid)
         return key
 
-    def find(self, keys: Sequence[bytes]) -> np.ndarray:
-        """Entry ids of `keys` (-1 where absent), one dict probe per key."""
-        get = self._index.get
-        with self.lock:
-            return np.fromiter((get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+    def find(self, keys: bytes | Sequence[bytes]) -> np.ndarray:
+        """Entry ids of `keys` (a blob of 16-byte keys or a sequence of them), -1 where absent."""
+        return self.find_packed(pack_keys(keys))
 
-    def contains(self, keys: Sequence[bytes]) -> np.ndarray:
+    def find_packed(self, packed: np.ndarray) -> np.ndarray:
+        """Entry ids for [n, 2] uint64 keys from `pack_keys`: one dict probe per key, one vector check."""
+        get = self._index.get
+        lows = packed[:, 0].tolist()
+        with self.lock:
+            eids = np.array([get(low, -1) for low in lows], dtype=np.int64)
+            if eids.size:
+                at = np.maximum(eids, 0)
+                eids[(self._lo[at] != packed[:, 0]) | (self._hi[at] != packed[:, 1])] = -1
+            return eids
+
+    def contains(self, keys: bytes | Sequence[bytes]) -> np.ndarray:
         return self.find(keys) >= 0
 
     def __len__(self) -> int:
@@ -161,8 +194,12 @@ class MemoryTier:
 
     def entry(self, eid: int) -> tuple[bytes, int, int, int, int]:
         """(key, offset, nbytes, namespace id, flags) of a live entry."""
-        return (self._keys[eid], int(self._offset[eid]), int(self._nbytes[eid]), int(self._ns[eid]),
+        return (self.key_of(eid), int(self._offset[eid]), int(self._nbytes[eid]), int(self._ns[eid]),
                 int(self._flags[eid]))
+
+    def namespace_ids(self, eids: np.ndarray) -> np.ndarray:
+        """Namespace id of each entry id (anything for -1: callers mask misses)."""
+        return self._ns[np.maximum(eids, 0)]
 
     def slots(self, eids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(offsets, nbytes, namespace ids) for live entries, vectorised."""
@@ -205,7 +242,7 @@ class MemoryTier:
         with self.lock:
             n = len(self._keys)
             hit = np.flatnonzero(np.isin(self._ns[:n], np.asarray(ns_ids, dtype=np.uint32)))
-            return [k for k in (self._keys[int(e)] for e in hit) if k is not None]
+            return [self.key_of(int(e)) for e in hit if self._keys[int(e)] is not None]
 
     def live_entries(self) -> list[int]:
         with self.lock:

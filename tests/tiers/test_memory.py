@@ -9,6 +9,7 @@ import time
 import zlib
 
 import numpy as np
+import xxhash
 import pytest
 import torch
 
@@ -26,7 +27,9 @@ CHUNK = 256 * KiB  # exactly one size class: 4 slots per slab, 32 in the arena
 
 
 def key(i: int) -> bytes:
-    return b"key-%06d" % i
+    """A 16-byte key that reads as its number: the high half names it, the low half is a hash of it
+    (the tier indexes by the low half, which real keys, xxh3-128 digests, spread uniformly)."""
+    return xxhash.xxh64_digest(b"%d" % i)[::-1] + b"key-%04d" % i
 
 
 def payload(k: bytes, nbytes: int) -> bytes:
@@ -408,11 +411,11 @@ def assert_intact(tier, keys) -> None:
 
 def test_insert_find_contains_and_read_back(cpu_tier):
     tier, _ = cpu_tier()
-    sizes = {b"a": 1000, b"b": 70_000, b"c": SLAB}
+    sizes = {b"a_______________": 1000, b"b_______________": 70_000, b"c_______________": SLAB}
     offsets = {k: put(tier, k, n, ns=i) for i, (k, n) in enumerate(sizes.items())}
-    found = tier.find([b"c", b"zz", b"a"])
+    found = tier.find([b"c_______________", b"zz______________", b"a_______________"])
     assert found[1] == -1 and found[0] >= 0 and found[2] >= 0
-    assert tier.contains([b"a", b"b", b"c", b"zz"]).tolist() == [True, True, True, False]
+    assert tier.contains([b"a_______________", b"b_______________", b"c_______________", b"zz______________"]).tolist() == [True, True, True, False]
     assert len(tier) == 3
     for i, (k, n) in enumerate(sizes.items()):
         assert tier.entry(int(tier.find([k])[0])) == (k, offsets[k], n, i, 0)
@@ -459,7 +462,7 @@ def test_allocate_evicts_past_many_pinned_old_entries(cpu_tier):
     for k in keys:
         put(tier, k, 64 * KiB)
     tier.pin(eids(tier, keys[:64]))
-    put(tier, b"new", 64 * KiB)
+    put(tier, b"new_____________", 64 * KiB)
     assert evicted == [keys[64]]
 
 
@@ -488,69 +491,69 @@ def test_capacity_exhausted_when_everything_is_pinned_or_reserved(cpu_tier):
 
 def test_chunk_larger_than_a_slab_is_refused(cpu_tier):
     tier, evicted = cpu_tier()
-    put(tier, b"a")
+    put(tier, b"a_______________")
     with pytest.raises(ChunkTooLarge) as info:
         tier.allocate(SLAB + 1)
     assert isinstance(info.value, InvalidArgument)
-    assert tier.contains([b"a"]).all() and evicted == []
-    put(tier, b"whole-slab", SLAB)
+    assert tier.contains([b"a_______________"]).all() and evicted == []
+    put(tier, b"whole-slab______", SLAB)
 
 
 def test_max_alloc_chunk_fits_without_flushing_the_cache(cpu_tier):
     tier, evicted = cpu_tier(capacity=1 * MiB, slab_bytes=25 * 4096)
     for i in range(5):
         put(tier, key(i), 4096)
-    put(tier, b"big", tier.pool.max_alloc)
+    put(tier, b"big_____________", tier.pool.max_alloc)
     assert evicted == [] and len(tier) == 6
 
 
 def test_duplicate_insert_frees_the_new_slot(cpu_tier):
     tier, _ = cpu_tier()
-    first = put(tier, b"k", 5000)
+    first = put(tier, b"k_______________", 5000)
     before = tier.stats()
     second = tier.allocate(5000)
     assert tier.stats()["used_bytes"] == before["used_bytes"] + size_class(5000)
-    assert tier.insert(b"k", second, 5000, 0) is False
+    assert tier.insert(b"k_______________", second, 5000, 0) is False
     assert tier.stats() == before
-    assert tier.entry(int(tier.find([b"k"])[0]))[1] == first
-    assert_intact(tier, [b"k"])
+    assert tier.entry(int(tier.find([b"k_______________"])[0]))[1] == first
+    assert_intact(tier, [b"k_______________"])
 
 
 def test_remove_skips_pinned_and_reports_it(cpu_tier):
     tier, evicted = cpu_tier()
-    for k in (b"a", b"b", b"c"):
+    for k in (b"a_______________", b"b_______________", b"c_______________"):
         put(tier, k)
-    tier.pin(eids(tier, [b"b"]))
-    assert tier.remove([b"a", b"b", b"c", b"missing"]) == (2, 1)
-    assert tier.contains([b"a", b"b", b"c"]).tolist() == [False, True, False]
+    tier.pin(eids(tier, [b"b_______________"]))
+    assert tier.remove([b"a_______________", b"b_______________", b"c_______________", b"missing_________"]) == (2, 1)
+    assert tier.contains([b"a_______________", b"b_______________", b"c_______________"]).tolist() == [False, True, False]
     assert tier.stats()["used_bytes"] == CHUNK
     assert evicted == [] and tier.stats()["evictions"] == 0, "removal is not eviction"
-    tier.unpin(eids(tier, [b"b"]))
-    assert tier.remove([b"b"]) == (1, 0)
+    tier.unpin(eids(tier, [b"b_______________"]))
+    assert tier.remove([b"b_______________"]) == (1, 0)
     assert tier.stats()["used_bytes"] == 0 and len(tier) == 0
 
 
 def test_remove_with_a_key_listed_twice(cpu_tier):
     tier, _ = cpu_tier()
-    put(tier, b"a")
-    assert tier.remove([b"a", b"a"]) == (1, 0)
+    put(tier, b"a_______________")
+    assert tier.remove([b"a_______________", b"a_______________"]) == (1, 0)
     assert len(tier) == 0
 
 
 def test_unpin_below_zero_raises_and_keeps_the_entry_usable(cpu_tier):
     tier, _ = cpu_tier()
-    put(tier, b"a")
+    put(tier, b"a_______________")
     with pytest.raises(AssertionError):
-        tier.unpin(eids(tier, [b"a"]))
-    assert tier.remove([b"a"]) == (1, 0)
+        tier.unpin(eids(tier, [b"a_______________"]))
+    assert tier.remove([b"a_______________"]) == (1, 0)
 
 
 def test_stats_are_exact(cpu_tier):
     tier, evicted = cpu_tier()
-    sizes = {b"a": 1000, b"b": 5000, b"c": 70_000, b"d": CHUNK}
+    sizes = {b"a_______________": 1000, b"b_______________": 5000, b"c_______________": 70_000, b"d_______________": CHUNK}
     for k, n in sizes.items():
         put(tier, k, n)
-    tier.pin(eids(tier, [b"b", b"d"]))
+    tier.pin(eids(tier, [b"b_______________", b"d_______________"]))
     assert tier.stats() == {
         "chunks": 4,
         "stored_bytes": sum(sizes.values()),
@@ -559,13 +562,13 @@ def test_stats_are_exact(cpu_tier):
         "pinned_bytes": 5000 + CHUNK,
         "evictions": 0,
     }
-    tier.remove([b"a"])
+    tier.remove([b"a_______________"])
     filler = [key(i) for i in range(40)]
     for k in filler:
         put(tier, k)
     stats = tier.stats()
     assert stats["evictions"] == len(evicted) > 0
-    live = [k for k in [b"b", b"c", b"d"] + filler if k not in evicted]
+    live = [k for k in [b"b_______________", b"c_______________", b"d_______________"] + filler if k not in evicted]
     assert stats["chunks"] == len(tier) == len(live)
     assert stats["stored_bytes"] == sum(sizes.get(k, CHUNK) for k in live)
     assert stats["used_bytes"] == sum(size_class(sizes.get(k, CHUNK)) for k in live)
@@ -577,8 +580,8 @@ def test_keys_in_namespaces(cpu_tier):
     for i in range(12):
         put(tier, key(i), 4096, ns=i % 3 + 1)
     tier.remove([key(0)])
-    assert sorted(tier.keys_in_namespaces([1, 3])) == [key(i) for i in range(1, 12) if i % 3 != 1]
-    assert sorted(tier.keys_in_namespaces([2])) == [key(i) for i in range(1, 12, 3)]
+    assert sorted(tier.keys_in_namespaces([1, 3])) == sorted(key(i) for i in range(1, 12) if i % 3 != 1)
+    assert sorted(tier.keys_in_namespaces([2])) == sorted(key(i) for i in range(1, 12, 3))
     assert tier.keys_in_namespaces([9]) == [] and tier.keys_in_namespaces([]) == []
 
 
@@ -596,12 +599,12 @@ def test_mixed_sizes_under_pressure_free_a_whole_slab(cpu_tier, first_slab):
     for k in sorted(small, key=rank.get):
         tier.touch(eids(tier, [k]))
 
-    offset = put(tier, b"big", 600 * KiB)
+    offset = put(tier, b"big_____________", 600 * KiB)
     assert len(evicted) < 64, "whole slabs go, not the whole cache"
     assert set(evicted) == {k for k in small if not tier.contains([k])[0]}
     assert offset // SLAB in {slab_of[k] for k in evicted}
     survivors = [k for k in small if k not in evicted]
-    assert_intact(tier, survivors + [b"big"])
+    assert_intact(tier, survivors + [b"big_____________"])
     assert tier.stats()["used_bytes"] == len(survivors) * 64 * KiB + size_class(600 * KiB)
 
 
@@ -624,12 +627,12 @@ def test_mixed_sizes_back_and_forth_under_pressure(cpu_tier, policy):
 
 def test_s3fifo_tier_keeps_hot_entries_through_a_scan(cpu_tier):
     tier, evicted = cpu_tier(policy="s3fifo")
-    hot = [b"hot-%d" % i for i in range(4)]
+    hot = [key(1000 + i) for i in range(4)]
     for k in hot:
         put(tier, k)
     for _ in range(2):
         tier.touch(eids(tier, hot))
-    pinned = b"pinned"
+    pinned = b"pinned__________"
     put(tier, pinned)
     tier.pin(eids(tier, [pinned]))
     scan = [key(i) for i in range(200)]
@@ -679,11 +682,11 @@ def test_arena_rejects_bad_config(tmp_path):
 def test_cpu_tier_arena_file_lives_while_open(cpu_tier, tmp_path):
     tier, _ = cpu_tier()
     assert os.path.dirname(tier.arena_path) == str(tmp_path) and os.path.exists(tier.arena_path)
-    put(tier, b"a")
+    put(tier, b"a_______________")
     other = map_arena(tier.arena_path, ARENA, populate=False)
     try:
-        offset = tier.entry(int(tier.find([b"a"])[0]))[1]
-        assert other[offset:offset + CHUNK] == payload(b"a", CHUNK)
+        offset = tier.entry(int(tier.find([b"a_______________"])[0]))[1]
+        assert other[offset:offset + CHUNK] == payload(b"a_______________", CHUNK)
     finally:
         other.close()
     tier.close()
@@ -708,26 +711,26 @@ def tensor_of(k: bytes, nbytes: int) -> torch.Tensor:
 
 def test_gpu_put_get_round_trip(gpu_tier):
     tier, _ = gpu_tier
-    chunk = tensor_of(b"a", 8192).view(torch.bfloat16).reshape(4, 1024)
-    assert tier.put(b"a", chunk, ns_id=5)
-    view = tier.get(b"a")
+    chunk = tensor_of(b"a_______________", 8192).view(torch.bfloat16).reshape(4, 1024)
+    assert tier.put(b"a_______________", chunk, ns_id=5)
+    view = tier.get(b"a_______________")
     assert view.dtype == torch.uint8 and torch.equal(view, chunk.reshape(-1).view(torch.uint8))
     out = torch.zeros(4, 1024, dtype=torch.bfloat16)
-    tier.get(b"a", out=out)
+    tier.get(b"a_______________", out=out)
     assert torch.equal(out.view(torch.uint8), chunk.view(torch.uint8))
-    assert tier.get(b"missing") is None
-    assert tier.put(b"a", torch.zeros(8192, dtype=torch.uint8)) is False
-    assert torch.equal(tier.get(b"a"), view) and tier.stats()["used_bytes"] == 8192
-    assert tier.keys_in_namespaces([5]) == [b"a"]
+    assert tier.get(b"missing_________") is None
+    assert tier.put(b"a_______________", torch.zeros(8192, dtype=torch.uint8)) is False
+    assert torch.equal(tier.get(b"a_______________"), view) and tier.stats()["used_bytes"] == 8192
+    assert tier.keys_in_namespaces([5]) == [b"a_______________"]
 
 
 def test_gpu_get_into_a_non_contiguous_out():
     tier = GpuTier(GpuConfig(pool_bytes=4 * MiB), device="cpu", slab_bytes=SLAB)
-    chunk = tensor_of(b"a", 4096)
-    tier.put(b"a", chunk)
+    chunk = tensor_of(b"a_______________", 4096)
+    tier.put(b"a_______________", chunk)
     buffer = torch.zeros(2, 4096, dtype=torch.uint8)
     out = buffer[:, :2048]
-    tier.get(b"a", out=out)
+    tier.get(b"a_______________", out=out)
     assert torch.equal(out.reshape(-1), chunk)
 
 
@@ -742,10 +745,23 @@ def test_gpu_eviction_under_pressure(gpu_tier):
         assert torch.equal(tier.get(k), tensor_of(k, CHUNK))
     tier.pin(tier.find(keys[4:]))
     with pytest.raises(CapacityExhausted):
-        tier.put(b"one-more", tensor_of(b"x", CHUNK))
+        tier.put(b"one-more", tensor_of(b"x_______________", CHUNK))
 
 
 def test_gpu_ipc_handle_needs_cuda(gpu_tier):
     tier, _ = gpu_tier
     with pytest.raises(ConfigError):
         tier.ipc_handle()
+
+
+def test_keys_sharing_a_low_half_never_alias(cpu_tier):
+    """The index probes by the low 64 bits; the high half is verified, so a second key with the same low
+    half is refused on insert and is a miss on find — never the first key's chunk."""
+    tier, _ = cpu_tier()
+    first, second = b"\x01" * 8 + b"A" * 8, b"\x01" * 8 + b"B" * 8
+    put(tier, first)
+    offset = tier.allocate(CHUNK)
+    assert tier.insert(second, offset, CHUNK, 0) is False
+    assert tier.find([second, first]).tolist()[0] == -1
+    assert tier.contains([first, second]).tolist() == [True, False]
+    assert_intact(tier, [first])
