@@ -89,6 +89,7 @@ class AgentConnection:
         self._sock = sock
         self._frames = FrameReader(sock, 1 << 30)
         hello = self.call("hello", {"version": PROTOCOL_VERSION})
+        self._frames.busy_poll_s = hello.get("busy_poll_us", 0) / 1e6  # the agent's setting, both ends
         if self._arena_path != hello["arena_path"]:
             self._mmap = map_arena(hello["arena_path"], hello["arena_bytes"], populate=hello["prefault"])
             self.arena = torch.frombuffer(self._mmap, dtype=torch.uint8)

@@ -9,6 +9,7 @@ turn into a miss.
 
 from __future__ import annotations
 
+import functools
 import struct
 import warnings
 from dataclasses import dataclass, replace
@@ -33,6 +34,12 @@ CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 _HEADER = struct.Struct("<4sHBBIIIIBBHIQQ16s16s40x")
 _HEADER_CHECK = struct.Struct("<Q")
 assert _HEADER.size + _HEADER_CHECK.size == HEADER_BYTES
+
+
+@functools.lru_cache(maxsize=256)
+def _geometry(layers: int, heads: int, head_dim: int, tokens: int, planes: int, dtype: str) -> Geometry:
+    """Geometries repeat (one per namespace): build and validate each once, not once per chunk read."""
+    return Geometry(layers=layers, heads=heads, head_dim=head_dim, tokens=tokens, planes=planes, dtype=dtype)
 
 
 def checksum(data) -> int:
@@ -110,8 +117,7 @@ class ChunkHeader:
         if dtype not in DTYPE_BY_ID:
             raise CorruptChunk(f"unknown dtype id {dtype}")
         try:
-            geometry = Geometry(layers=layers, heads=heads, head_dim=head_dim, tokens=tokens,
-                                planes=planes, dtype=DTYPE_BY_ID[dtype])
+            geometry = _geometry(layers, heads, head_dim, tokens, planes, DTYPE_BY_ID[dtype])
         except InvalidArgument as exc:
             raise CorruptChunk(f"bad geometry in header: {exc}") from None
         return cls(codec=CODEC_NAMES[codec], geometry=geometry, payload_len=payload_len,

@@ -71,6 +71,7 @@ class AgentConfig:
     socket_path: str = ""  # "": <runtime dir>/agent.sock
     lease_ttl_s: float = 30.0  # a pin or reservation not released within this is reclaimed
     max_frame_bytes: int = 16 << 20
+    busy_poll_us: int = 200  # poll a connection this long before blocking (0: never); see docs/config.md
     max_batch_chunks: int = 65536
     log_level: str = "info"
 
@@ -321,6 +322,8 @@ def validate(cfg: KVStoreConfig) -> KVStoreConfig:
     _check(gpu.pool_bytes > 0, "gpu.pool_bytes", f"{gpu.pool_bytes} must be positive")
     _check(agent.lease_ttl_s > 0, "agent.lease_ttl_s", f"{agent.lease_ttl_s} must be positive")
     _check(agent.max_frame_bytes >= 64 * KiB, "agent.max_frame_bytes", f"{agent.max_frame_bytes} is below 64 KiB")
+    _check(0 <= agent.busy_poll_us <= 100_000, "agent.busy_poll_us",
+           f"{agent.busy_poll_us} is outside [0, 100000] microseconds")
     _check(agent.max_batch_chunks > 0, "agent.max_batch_chunks", f"{agent.max_batch_chunks} must be positive")
     for key, allowed in _ENUMS.items():
         section, name = key.split(".")

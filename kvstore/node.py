@@ -285,19 +285,19 @@ class NodeStore:
         promote: list[tuple[int, bytes, int, int]] = []  # (index, key, offset, nbytes)
         with self.lock:
             eids = self.cpu.find(keys)
+            found = eids >= 0
+            wrong_ns = found & (self.cpu.namespace_ids(eids) != info.ns_id)
+            for i in np.flatnonzero(wrong_ns).tolist():
+                reasons[i] = "namespace"  # the same key under another namespace: never served
+            eids[wrong_ns] = -1
+            found = np.flatnonzero(eids >= 0)
+            self.cpu.pin(eids[found])  # before promotions below allocate (and may evict) arena space
             limit = n
-            for i in range(n):
-                eid = int(eids[i])
-                if eid >= 0 and self.cpu.entry(eid)[3] != info.ns_id:
-                    eid = -1
-                    reasons[i] = "namespace"
-                if eid < 0:
-                    size = None
-                    if self.disk is not None and i not in reasons and self._disk_has([keys[i]], digest)[0]:
-                        size = self.disk.record_nbytes(keys[i])
-                    if size is None or keys[i] in self._inflight:
-                        reasons.setdefault(i, "not_found")
-                    else:
+            for i in np.flatnonzero(eids < 0).tolist():  # misses only: try the disk tier, in order
+                if i not in reasons and keys[i] not in self._inflight and self.disk is not None \
+                        and self._disk_has([keys[i]], digest)[0]:
+                    size = self.disk.record_nbytes(keys[i])
+                    if size is not None:
                         try:
                             offset = self.cpu.allocate(size)
                         except (CapacityExhausted, ChunkTooLarge):
@@ -306,13 +306,13 @@ class NodeStore:
                             self._inflight.add(keys[i])
                             promote.append((i, keys[i], offset, size))
                             continue
-                    if prefix:
-                        limit = i
-                        break
-            hits = np.flatnonzero(eids[:limit] >= 0)
-            hits = hits[[i not in reasons for i in hits]] if reasons else hits
+                reasons.setdefault(i, "not_found")
+                if prefix:
+                    limit = i
+                    break
+            hits = found[found < limit]
+            self.cpu.unpin(eids[found[found >= limit]])  # beyond the first miss of a prefix
             hit_eids = eids[hits]
-            self.cpu.pin(hit_eids)
             self.cpu.touch(hit_eids)
             hit_off, hit_len, _ = self.cpu.slots(hit_eids)
             for i, off, size in zip(hits.tolist(), hit_off.tolist(), hit_len.tolist()):
@@ -337,8 +337,7 @@ class NodeStore:
         lid = next(self._ids)
         with self.lock:
             self._leases[lid] = _Lease(conn, time.monotonic() + self.cfg.agent.lease_ttl_s, all_pinned)
-        found = sum(1 for o in offsets if o >= 0)
-        self.counters.add("get_hit_chunks", found)
+        self.counters.add("get_hit_chunks", sum(1 for o in offsets if o >= 0))
         for reason in reasons.values():
             self.counters.add(f"miss_{reason}")
         return {"lid": lid, "offsets": offsets, "sizes": sizes, "ttl": self.cfg.agent.lease_ttl_s,
@@ -665,7 +664,7 @@ class AgentServer:
     def _serve_connection(self, sock: socket.socket) -> None:
         conn = next(self._conn_ids)
         self._live[conn] = sock
-        frames = FrameReader(sock, self.store.cfg.agent.max_frame_bytes)
+        frames = FrameReader(sock, self.store.cfg.agent.max_frame_bytes, self.store.cfg.agent.busy_poll_us / 1e6)
         try:
             while True:
                 try:
@@ -722,7 +721,8 @@ class AgentServer:
         return {"version": PROTOCOL_VERSION, "arena_path": store.cpu.arena_path,
                 "arena_bytes": store.cpu.capacity, "lease_ttl_s": store.cfg.agent.lease_ttl_s,
                 "chunk_tokens": store.cfg.chunk_tokens, "pid": os.getpid(),
-                "prefault": store.cfg.cpu.prefault, "max_batch_chunks": store.cfg.agent.max_batch_chunks}
+                "prefault": store.cfg.cpu.prefault, "max_batch_chunks": store.cfg.agent.max_batch_chunks,
+                "busy_poll_us": store.cfg.agent.busy_poll_us}
 
     def _register(self, conn: int, args: dict) -> int:
         return self.store.register(_arg(args, "ns", bytes), geometry_from_wire(_arg(args, "geometry", list)),

@@ -394,3 +394,12 @@ def test_resolve_auto_keeps_explicit_sizes_and_expands_home(tmp_path, monkeypatc
 def test_resolve_auto_never_goes_below_one_slab():
     cfg = KVStoreConfig(cpu=CpuConfig(slab_bytes=16 * GiB))
     assert resolve_auto(cfg).cpu.arena_bytes == 16 * GiB
+
+
+def test_busy_poll_range():
+    from kvstore.config import load_config
+    from kvstore.errors import ConfigError
+
+    assert load_config(env={}, overrides=["agent.busy_poll_us=0"]).agent.busy_poll_us == 0
+    with pytest.raises(ConfigError, match="agent.busy_poll_us"):
+        load_config(env={}, overrides=["agent.busy_poll_us=-1"])
