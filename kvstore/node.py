@@ -96,7 +96,8 @@ class NodeStore:
         self._queue_bytes = 0
         self._deferred: deque[bytes] = deque()  # committed while the queue was full: queued as it drains
         self._writing: set[bytes] = set()
-        self._doomed: set[bytes] = set()  # deleted while being written: delete again once written
+        self._doomed: set[bytes] = set()  # deleted from disk while being written: delete again once written
+        self._leaving: set[bytes] = set()  # evicted from the arena while being written: remove once written
         self._queue_cv = threading.Condition(self.lock)
         self._stopping = False
         self._threads = [threading.Thread(target=self._sweep_loop, name="kvstore-sweeper", daemon=True)]
@@ -416,7 +417,11 @@ class NodeStore:
         with self.lock:
             if "cpu" in tiers:
                 self._unqueue(set(keys))
+                writing = [k for k in keys if k in self._writing]  # pinned by write-behind for a moment
+                self._leaving.update(writing)
                 removed["cpu"], removed["pinned"] = self.cpu.remove(keys)
+                removed["cpu"] += len(writing)
+                removed["pinned"] -= len(writing)
             if "disk" in tiers:
                 self._doomed.update(k for k in keys if k in self._writing)
         if "disk" in tiers and self.disk is not None:
@@ -535,6 +540,9 @@ class NodeStore:
                     self._writing.discard(key)
                 doomed = [key for _, key in batch if key in self._doomed]
                 self._doomed.difference_update(doomed)
+                leaving = [key for _, key in batch if key in self._leaving]
+                self._leaving.difference_update(leaving)
+                self.cpu.remove(leaving)
                 if ok:
                     self.counters.add("writebehind_chunks", len(batch))
                 self._requeue_deferred()

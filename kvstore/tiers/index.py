@@ -1,0 +1,164 @@
+"""The memory tiers' chunk index: a bucketized cuckoo hash table of 16-byte keys in numpy arrays.
+
+A key lives in one of two buckets of WAYS slots: bucket `low & mask` or `high & mask`, where low and
+high are the key's two 64-bit halves (keys are xxh3-128 digests, so both are uniform). A batch lookup
+is therefore a fixed number of vectorised gathers (one cache line per bucket per array): no probe loop,
+and no Python object per key, so it costs the same at 10^3 and at 10^6 entries and the garbage
+collector never walks the index. Each slot costs 24 bytes (two key halves and an int64 value). A lookup
+compares low halves across both buckets (one 64-byte gather each), then checks the high half and the
+value at the one candidate slot. So a key is refused on insert when a live key in its buckets shares its
+low half (odds ~2^-64 for digests; the lookup would only ever see the first). A freed slot's key is
+zeroed, so a stale slot never matches (a key whose low half is 0 is refused for the same reason).
+
+Inserts take a free slot in either bucket, else move ("kick") a resident entry to its other bucket,
+up to MAX_KICKS moves; the table doubles when it passes MAX_LOAD or a kick chain fails. Doubling
+re-places every entry with vectorised passes (only the rare overflow goes through kicks).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+WAYS = 8
+MAX_LOAD = 0.85
+MAX_KICKS = 256
+EMPTY = -1
+
+
+class CuckooIndex:
+    """16-byte key -> non-negative int64 value (an entry id)."""
+
+    def __init__(self, capacity: int = 1024):
+        buckets = 1
+        while buckets * WAYS * MAX_LOAD < capacity:
+            buckets *= 2
+        self._alloc(buckets)
+        self.count = 0
+        self._kick_slot = 0
+
+    def _alloc(self, buckets: int) -> None:
+        self._mask = np.uint64(buckets - 1)
+        self._lo = np.zeros((buckets, WAYS), dtype=np.uint64)
+        self._hi = np.zeros((buckets, WAYS), dtype=np.uint64)
+        self._values = np.full((buckets, WAYS), EMPTY, dtype=np.int64)
+
+    @property
+    def capacity(self) -> int:
+        return self._values.size
+
+    @property
+    def nbytes(self) -> int:
+        return self._lo.nbytes + self._hi.nbytes + self._values.nbytes
+
+    def __len__(self) -> int:
+        return self.count
+
+    # ---- batch lookup ---------------------------------------------------------------------------
+    def lookup(self, packed: np.ndarray) -> np.ndarray:
+        """Values for [n, 2] uint64 keys (low, high halves); EMPTY where absent."""
+        n = len(packed)
+        if n == 0:
+            return np.empty(0, dtype=np.int64)
+        lows = np.concatenate([packed[:, 0], packed[:, 0]])
+        buckets = (packed.T.reshape(-1) & self._mask).astype(np.intp)  # first choices, then second
+        same_low = self._lo[buckets] == lows[:, None]  # [2n, WAYS]
+        way = same_low.argmax(axis=1)
+        ok = same_low[np.arange(2 * n), way] & (self._hi[buckets, way] == np.concatenate([packed[:, 1]] * 2))
+        found = np.where(ok, self._values[buckets, way], EMPTY)
+        return np.maximum(found[:n], found[n:])
+
+    # ---- single-key updates -----------------------------------------------------------------------
+    def _buckets(self, low: int, high: int) -> tuple[int, int]:
+        mask = int(self._mask)
+        return low & mask, high & mask
+
+    def _slot(self, low: int, high: int, any_high: bool = False) -> tuple[int, int] | None:
+        """(bucket, way) of the live key (low, high), or of any live key with this low half."""
+        for bucket in self._buckets(low, high):
+            for way, lo in enumerate(self._lo[bucket].tolist()):
+                if lo == low and self._values[bucket, way] >= 0 and (any_high or int(self._hi[bucket, way]) == high):
+                    return bucket, way
+        return None
+
+    def get(self, low: int, high: int) -> int:
+        slot = self._slot(low, high)
+        return EMPTY if slot is None else int(self._values[slot])
+
+    def insert(self, low: int, high: int, value: int) -> bool:
+        """Add a key; False (and no change) if it, or a key sharing its low half, is present."""
+        if value < 0:
+            raise ValueError("index values must be non-negative")
+        if low == 0:
+            return False  # indistinguishable from a free slot (odds 2^-64 for a digest): not indexed
+        if self._slot(low, high, any_high=True) is not None:
+            return False
+        if (self.count + 1) > MAX_LOAD * self.capacity:
+            self._grow()
+        if not self._place(low, high, value):
+            self._grow()  # the new key is in; the entry it finally displaced is re-placed by growing
+        self.count += 1
+        return True
+
+    def remove(self, low: int, high: int) -> int:
+        """Drop a key; returns its value, or EMPTY if it was absent."""
+        slot = self._slot(low, high)
+        if slot is None:
+            return EMPTY
+        value = int(self._values[slot])
+        self._values[slot] = EMPTY
+        self._lo[slot] = self._hi[slot] = 0  # a stale key must never match a lookup
+        self.count -= 1
+        return value
+
+    def _place(self, low: int, high: int, value: int) -> bool:
+        """Put an absent key into a free slot, kicking residents to their other bucket as needed.
+        False if MAX_KICKS moves did not end in a free slot: the key is in the table then, and the
+        last displaced entry waits in `_pending` for `_grow` to re-place it."""
+        bucket = self._buckets(low, high)[0]
+        for _ in range(MAX_KICKS):
+            for b in self._buckets(low, high):
+                free = np.flatnonzero(self._values[b] < 0)
+                if free.size:
+                    way = int(free[0])
+                    self._lo[b, way], self._hi[b, way], self._values[b, way] = low, high, value
+                    return True
+            # both buckets full: swap with a resident of `bucket`, which then goes to its other bucket
+            way = self._kick_slot = (self._kick_slot + 1) % WAYS
+            old = int(self._lo[bucket, way]), int(self._hi[bucket, way]), int(self._values[bucket, way])
+            self._lo[bucket, way], self._hi[bucket, way], self._values[bucket, way] = low, high, value
+            low, high, value = old
+            first, second = self._buckets(low, high)
+            bucket = second if first == bucket else first
+        self._pending = (low, high, value)  # homeless after MAX_KICKS: _grow re-places it
+        return False
+
+    # ---- growth -----------------------------------------------------------------------------------
+    def _grow(self) -> None:
+        """Double the table and re-place every entry: two vectorised passes, then kicks for the rest."""
+        live = self._values >= 0
+        lows, highs, values = self._lo[live], self._hi[live], self._values[live]
+        pending = getattr(self, "_pending", None)
+        if pending is not None:
+            lows = np.append(lows, np.uint64(pending[0]))
+            highs = np.append(highs, np.uint64(pending[1]))
+            values = np.append(values, pending[2])
+            self._pending = None
+        self._alloc(2 * self._values.shape[0])
+        rest = np.arange(len(values))
+        for halves in (lows, highs):  # first choice, then second choice, for whoever is left
+            if rest.size == 0:
+                break
+            buckets = (halves[rest] & self._mask).astype(np.intp)
+            order = np.argsort(buckets, kind="stable")
+            sorted_buckets = buckets[order]
+            starts = np.searchsorted(sorted_buckets, sorted_buckets, side="left")
+            used = (self._values[sorted_buckets] >= 0).sum(axis=1)
+            way = used + np.arange(len(order)) - starts  # next free way in the bucket, in arrival order
+            fits = way < WAYS
+            chosen = rest[order[fits]]
+            b, w = sorted_buckets[fits], way[fits]
+            self._lo[b, w], self._hi[b, w], self._values[b, w] = lows[chosen], highs[chosen], values[chosen]
+            rest = rest[order[~fits]]
+        for i in rest.tolist():  # rare: both buckets full
+            if not self._place(int(lows[i]), int(highs[i]), int(values[i])):
+                raise RuntimeError("cuckoo index could not re-place an entry after doubling")

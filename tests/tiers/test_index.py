@@ -1,0 +1,58 @@
+"""CuckooIndex against a plain dict model: inserts, removals, growth with kicks, refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvstore.tiers.index import EMPTY, CuckooIndex
+
+
+def random_keys(rng, n: int) -> np.ndarray:
+    return rng.integers(1, 2**63, size=(n, 2), dtype=np.int64).astype(np.uint64) | np.uint64(1 << 63)
+
+
+def test_matches_a_dict_through_inserts_removals_and_growth():
+    rng = np.random.default_rng(7)
+    index = CuckooIndex(8)  # tiny on purpose: many doublings, kicks along the way
+    keys = random_keys(rng, 20_000)
+    model: dict[tuple[int, int], int] = {}
+    for step, (low, high) in enumerate(keys.tolist()):
+        assert index.insert(low, high, step)
+        model[(low, high)] = step
+        if step % 3 == 0:  # remove an earlier key now and then
+            victim = keys[rng.integers(0, step + 1)].tolist()
+            assert index.remove(*victim) == model.pop(tuple(victim), EMPTY)
+    assert len(index) == len(model)
+    expected = np.array([model.get(tuple(k), EMPTY) for k in keys.tolist()])
+    assert np.array_equal(index.lookup(keys), expected)
+    assert index.capacity >= len(model) and index.capacity * 0.85 >= len(model)
+    assert (index.lookup(random_keys(rng, 1000)) == EMPTY).all()
+
+
+def test_duplicate_and_shared_low_half_and_zero_low_half_are_refused():
+    index = CuckooIndex()
+    assert index.insert(5, 6, 1)
+    assert not index.insert(5, 6, 2)  # the same key
+    assert not index.insert(5, 7, 3)  # shares the low half: the batch lookup could only see one
+    assert not index.insert(0, 9, 4)  # low half 0 is what a free slot holds
+    found = index.lookup(np.array([[5, 6], [5, 7], [0, 9], [0, 0]], dtype=np.uint64))
+    assert found.tolist() == [1, EMPTY, EMPTY, EMPTY]
+    with pytest.raises(ValueError):
+        index.insert(8, 8, -1)
+
+
+def test_removed_keys_never_match_and_slots_are_reused():
+    index = CuckooIndex(16)
+    for i in range(1, 100):
+        assert index.insert(i * 0x9E3779B97F4A7C15 % 2**64, i, i)
+    for i in range(1, 100, 2):
+        assert index.remove(i * 0x9E3779B97F4A7C15 % 2**64, i) == i
+    assert index.remove(1 * 0x9E3779B97F4A7C15 % 2**64, 1) == EMPTY  # already gone
+    keys = np.array([[i * 0x9E3779B97F4A7C15 % 2**64, i] for i in range(1, 100)], dtype=np.uint64)
+    assert index.lookup(keys).tolist() == [EMPTY if i % 2 else i for i in range(1, 100)]
+    capacity = index.capacity
+    for i in range(1, 100, 2):  # reinsert into the freed slots: no growth needed
+        assert index.insert(i * 0x9E3779B97F4A7C15 % 2**64, i, 1000 + i)
+    assert index.capacity == capacity
+    assert index.lookup(keys[:1]).tolist() == [1001]
