@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from . import codec
@@ -29,9 +30,12 @@ from .config import KVStoreConfig, load_config
 from .errors import AgentUnavailable, CorruptChunk, InvalidArgument, LeaseExpired
 from .keys import ChunkKey, Namespace, chunk_keys
 from .layout import Geometry
-from .node import RESERVE_EXISTS, RESERVE_NO_SPACE, TIER_NAMES, _geometry_wire
+from .node import (DIR_BITS, RESERVE_EXISTS, RESERVE_NO_SPACE, TIER_CPU, TIER_DISK, TIER_GPU, TIER_NAMES,
+                   _geometry_wire)
 from .protocol import NO_REPLY, PROTOCOL_VERSION, ConnectionClosed, FrameReader, pack, raise_for_reply
 from .tiers.cpu import map_arena
+from .tiers.index import SharedIndexReader
+from .tiers.memory import pack_keys
 
 _LEASE_MARGIN_S = 1.0  # stop touching a slot this long before the agent may reclaim it
 
@@ -94,11 +98,20 @@ class AgentConnection:
             self._mmap = map_arena(hello["arena_path"], hello["arena_bytes"], populate=hello["prefault"])
             self.arena = torch.frombuffer(self._mmap, dtype=torch.uint8)
             self._arena_path = hello["arena_path"]
+        self.directory = None
+        if hello.get("directory_path"):
+            try:
+                self.directory = SharedIndexReader(hello["directory_path"], resolve=self._directory_path)
+            except OSError:
+                self.directory = None  # another host's or a vanished file: lookups go over the socket
         self.lease_ttl_s = hello["lease_ttl_s"]
         self.max_batch = hello["max_batch_chunks"]
         self.agent_pid = hello["pid"]
         if self.on_connect is not None:
             self.on_connect(self)
+
+    def _directory_path(self) -> str:
+        return self.call("hello", {"version": PROTOCOL_VERSION})["directory_path"]
 
     def call(self, op: str, args: dict, timeout: float | None = None):
         """One round trip (or a one-way message for NO_REPLY ops)."""
@@ -149,8 +162,8 @@ class LocalClient:
         self.conn = AgentConnection(socket_path, timeout, cfg, on_connect=self._register)
 
     def _register(self, conn: AgentConnection) -> None:
-        conn.call("register", {"ns": self.namespace.digest, "geometry": _geometry_wire(self.geometry),
-                               "description": _describe(self.namespace)})
+        self.ns_id = conn.call("register", {"ns": self.namespace.digest, "geometry": _geometry_wire(self.geometry),
+                                            "description": _describe(self.namespace)})
 
     @property
     def _arena(self) -> torch.Tensor:
@@ -182,8 +195,16 @@ class LocalClient:
             yield start, b"".join(keys[start:start + self.max_batch])
 
     def lookup(self, tokens_or_keys) -> LookupResult:
-        """Longest run of stored chunks from the start: token ids, or keys from `keys()`."""
+        """Longest run of stored chunks from the start: token ids, or keys from `keys()`.
+
+        Answered from the agent's shared directory when it is mapped (no round trip), else by the agent.
+        It is advice: chunks can be evicted before they are read, and every read is verified."""
         keys = _as_keys(self, tokens_or_keys)
+        if self.conn.directory is not None and keys:
+            try:
+                return self._lookup_directory(keys)
+            except (OSError, ValueError):
+                self.conn.directory = None  # unusable now: fall back to asking the agent
         matched, tiers = 0, b""
         for _, blob in self._key_batches(keys):
             reply = self._call("lookup", {"ns": self.namespace.digest, "keys": blob})
@@ -192,6 +213,17 @@ class LocalClient:
             if reply["matched"] * 16 < len(blob):
                 break
         return LookupResult(matched, matched * self.geometry.tokens, tiers)
+
+    def _lookup_directory(self, keys: Sequence[bytes]) -> LookupResult:
+        values = self.conn.directory.lookup(pack_keys(keys))
+        bits = values & 0xFF
+        usable = (values >= 0) & (values >> 8 == self.ns_id) & (bits != 0)
+        misses = np.flatnonzero(~usable)
+        matched = int(misses[0]) if misses.size else len(keys)
+        best = bits[:matched]  # the fastest tier holding each chunk
+        codes = np.where(best & DIR_BITS[TIER_GPU], TIER_GPU,
+                         np.where(best & DIR_BITS[TIER_CPU], TIER_CPU, TIER_DISK)).astype(np.uint8)
+        return LookupResult(matched, matched * self.geometry.tokens, codes.tobytes())
 
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
         out: list[bool] = []

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import socketserver
+import struct
 import threading
 import time
 from collections import Counter, deque
@@ -33,6 +34,7 @@ from .layout import Geometry
 from .protocol import NO_REPLY, PROTOCOL_VERSION, ConnectionClosed, FrameReader, error_reply, pack, split_keys
 from .tiers.cpu import CpuTier
 from .tiers.disk import DiskTier
+from .tiers.index import CuckooIndex
 from .tiers.memory import FLAG_ON_DISK, FLAG_QUEUED, pack_keys
 
 log = logging.getLogger("kvstore.agent")
@@ -40,6 +42,10 @@ log = logging.getLogger("kvstore.agent")
 # Tier codes on the wire (docs/local-protocol.md).
 TIER_NONE, TIER_GPU, TIER_CPU, TIER_DISK, TIER_REMOTE = 0, 1, 2, 3, 4
 TIER_NAMES = {TIER_GPU: "gpu", TIER_CPU: "cpu", TIER_DISK: "disk", TIER_REMOTE: "remote"}
+
+# Tier bits in the shared directory's values: value = namespace id << 8 | tier bits.
+DIR_BITS = {TIER_GPU: 1, TIER_CPU: 2, TIER_DISK: 4}
+_KEY_HALVES = struct.Struct("<QQ")
 
 # Reserve status codes (instead of an offset).
 RESERVE_EXISTS = -1  # already stored (or being written by someone else): nothing to write
@@ -85,6 +91,9 @@ class NodeStore:
         self.counters = _Counters()
         self.cpu = CpuTier(cfg.cpu, cfg.cpu.arena_bytes, on_evict=self._cpu_evicted)
         self.lock = self.cpu.lock  # one lock for the store's metadata and the arena index
+        # The node directory: which tiers hold each chunk, in shared memory, so clients look up
+        # prefixes without a round trip (advice: reads are always verified).
+        self.directory = CuckooIndex(shm_dir=cfg.cpu.shm_dir, name="kvstore-directory")
         self.disk = DiskTier(cfg.disk, on_evict=self._disk_evicted) if cfg.disk.enabled else None
         self._namespaces: dict[bytes, _NamespaceInfo] = {}
         self._ns_by_id: list[_NamespaceInfo | None] = [None]  # id 0 = unknown (e.g. recovered, not registered)
@@ -143,6 +152,39 @@ class NodeStore:
                 except (NotFound, CorruptChunk):
                     continue
                 self.register(ns, header.geometry, {"recovered": True})
+        with self.lock:
+            for key, ns, _ in self.disk.entries():
+                info = self._namespaces.get(ns)
+                if info is not None:
+                    self._publish([key], TIER_DISK, info.ns_id)
+
+    # ---- the shared directory --------------------------------------------------------------------
+    def _publish(self, keys, tier: int, ns_id: int) -> None:
+        """Record that `tier` holds `keys` (caller holds the lock)."""
+        bit = DIR_BITS[tier]
+        for key in keys:
+            low, high = _KEY_HALVES.unpack(key)
+            current = self.directory.get(low, high)
+            bits = current & 0xFF if current >= 0 else 0
+            self.directory.set(low, high, ns_id << 8 | bits | bit)
+
+    def _unpublish(self, keys, tier: int) -> None:
+        """Record that `tier` no longer holds `keys` (caller holds the lock)."""
+        bit = DIR_BITS[tier]
+        for key in keys:
+            low, high = _KEY_HALVES.unpack(key)
+            current = self.directory.get(low, high)
+            if current < 0:
+                continue
+            if current & 0xFF & ~bit:
+                self.directory.set(low, high, current & ~bit)
+            else:
+                self.directory.remove(low, high)
+
+    def _cpu_removed(self, keys: list[bytes]) -> None:
+        """After cpu.remove(keys): unpublish the ones that really left the arena (caller holds the lock)."""
+        still = self.cpu.contains(keys) if keys else []
+        self._unpublish([k for k, s in zip(keys, still) if not s], TIER_CPU)
 
     # ---- lookup ----------------------------------------------------------------------------------
     def _disk_has(self, keys: list[bytes], ns: bytes) -> np.ndarray:
@@ -256,6 +298,7 @@ class NodeStore:
                     self.counters.add("commit_rejected")
                     continue
                 if self.cpu.insert(key, offset, nbytes, info.ns_id):
+                    self._publish([key], TIER_CPU, info.ns_id)
                     stored += 1
                     if admit:
                         self._enqueue(int(self.cpu.find([key])[0]), key)
@@ -354,9 +397,11 @@ class NodeStore:
                 ok = header.namespace == info.digest
                 if not ok:
                     reasons[index] = "namespace"
-            except CorruptChunk:
+            except CorruptChunk:  # the disk tier has dropped it
                 ok = False
                 reasons[index] = "checksum"
+                with self.lock:
+                    self._unpublish([key], TIER_DISK)
             except NotFound:  # evicted from disk since the plan was made
                 ok = False
                 reasons[index] = "evicted"
@@ -368,8 +413,9 @@ class NodeStore:
                 if not ok:
                     self.cpu.release_slot(offset)
                     continue
-                if not self.cpu.insert(key, offset, nbytes, info.ns_id, FLAG_ON_DISK):
-                    pass  # someone promoted it meanwhile; our slot was freed, use theirs
+                if self.cpu.insert(key, offset, nbytes, info.ns_id, FLAG_ON_DISK):
+                    self._publish([key], TIER_CPU, info.ns_id)
+                # else someone promoted it meanwhile: our slot was freed, use theirs
                 eid = int(self.cpu.find([key])[0])
                 _, offsets[index], sizes[index], _, _ = self.cpu.entry(eid)
                 pinned.append(eid)
@@ -420,6 +466,7 @@ class NodeStore:
                 writing = [k for k in keys if k in self._writing]  # pinned by write-behind for a moment
                 self._leaving.update(writing)
                 removed["cpu"], removed["pinned"] = self.cpu.remove(keys)
+                self._cpu_removed(keys)
                 removed["cpu"] += len(writing)
                 removed["pinned"] -= len(writing)
             if "disk" in tiers:
@@ -427,6 +474,7 @@ class NodeStore:
         if "disk" in tiers and self.disk is not None:
             removed["disk"] = self.disk.delete(keys)
             with self.lock:
+                self._unpublish(keys, TIER_DISK)
                 on_disk = self.cpu.find(keys)
                 for eid in on_disk[on_disk >= 0].tolist():
                     self.cpu.set_flags(eid, clear_bits=FLAG_ON_DISK)
@@ -441,15 +489,20 @@ class NodeStore:
         if self.disk is not None:
             with self.lock:
                 self._doomed.update(k for k in self._writing)
-            result["disk"] = self.disk.delete_namespace(digest)
+            on_disk = [key for key, ns, _ in self.disk.entries() if ns == digest]
+            result["disk"] = self.disk.delete(on_disk)
+            with self.lock:
+                self._unpublish(on_disk, TIER_DISK)
         return result
 
     def _cpu_evicted(self, keys: list[bytes]) -> None:
         self.counters.add("cpu_evicted_chunks", len(keys))
+        self._unpublish(keys, TIER_CPU)  # called from inside the arena's (our) lock
 
     def _disk_evicted(self, keys: list[bytes]) -> None:
         self.counters.add("disk_evicted_chunks", len(keys))
         with self.lock:
+            self._unpublish(keys, TIER_DISK)
             eids = self.cpu.find(keys)
             for eid in eids[eids >= 0].tolist():
                 self.cpu.set_flags(eid, clear_bits=FLAG_ON_DISK)
@@ -535,6 +588,8 @@ class NodeStore:
                 self.counters.add("writebehind_failed", len(batch))
             with self.lock:
                 for eid, key in batch:
+                    if ok:
+                        self._publish([key], TIER_DISK, self.cpu.entry(eid)[3])
                     self.cpu.set_flags(eid, set_bits=FLAG_ON_DISK if ok else 0, clear_bits=FLAG_QUEUED)
                     self.cpu.unpin(np.array([eid]))
                     self._writing.discard(key)
@@ -543,12 +598,15 @@ class NodeStore:
                 leaving = [key for _, key in batch if key in self._leaving]
                 self._leaving.difference_update(leaving)
                 self.cpu.remove(leaving)
+                self._cpu_removed(leaving)
                 if ok:
                     self.counters.add("writebehind_chunks", len(batch))
                 self._requeue_deferred()
                 self._queue_cv.notify_all()
             if doomed:
                 self.disk.delete(doomed)
+                with self.lock:
+                    self._unpublish(doomed, TIER_DISK)
 
     def flush(self, timeout: float = 60.0) -> dict:
         """Wait until every queued chunk is on disk (or `timeout` passes)."""
@@ -593,6 +651,7 @@ class NodeStore:
         if self.disk is not None:
             self.disk.close()
         self.cpu.close()
+        self.directory.close()
 
 
 def _geometry_wire(g: Geometry) -> list:
@@ -730,7 +789,7 @@ class AgentServer:
                 "arena_bytes": store.cpu.capacity, "lease_ttl_s": store.cfg.agent.lease_ttl_s,
                 "chunk_tokens": store.cfg.chunk_tokens, "pid": os.getpid(),
                 "prefault": store.cfg.cpu.prefault, "max_batch_chunks": store.cfg.agent.max_batch_chunks,
-                "busy_poll_us": store.cfg.agent.busy_poll_us}
+                "busy_poll_us": store.cfg.agent.busy_poll_us, "directory_path": store.directory.path}
 
     def _register(self, conn: int, args: dict) -> int:
         return self.store.register(_arg(args, "ns", bytes), geometry_from_wire(_arg(args, "geometry", list)),

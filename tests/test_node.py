@@ -212,3 +212,30 @@ def test_cli_exit_codes(tmp_path):
     assert typo.returncode == 2 and "did you mean cpu.arena_bytes" in typo.stderr
     assert run("config", "show").returncode == 0
     assert run("bench", "nope").returncode == 2  # argparse usage error
+
+
+def test_shared_directory_agrees_with_the_agent(agent):
+    """Lookups are answered from the shared directory; after every kind of change they must equal
+    the agent's own answer over the socket."""
+    client = agent.client()
+    assert client.conn.directory is not None
+    keys = client.keys(tokens(6))
+
+    def agrees() -> tuple:
+        local = client.lookup(keys)
+        remote = client._call("lookup", {"ns": SMALL_NS.digest, "keys": b"".join(keys)})
+        assert (local.chunks, local.tier_codes) == (remote["matched"], remote["tiers"])
+        return local.tiers
+
+    assert agrees() == ()
+    client.put(keys[:4], small_chunks(4))
+    assert agrees() == ("cpu",) * 4
+    client.flush(timeout=30)
+    client.evict(keys[:2], tiers=("cpu",))
+    assert agrees() == ("disk", "disk", "cpu", "cpu")
+    client.get(keys[:1])  # promotion
+    assert agrees() == ("cpu", "disk", "cpu", "cpu")
+    client.evict(keys[1:2], tiers=("disk",))
+    assert agrees() == ("cpu",)
+    client.clear()
+    assert agrees() == ()

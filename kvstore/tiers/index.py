@@ -17,6 +17,12 @@ re-places every entry with vectorised passes (only the rare overflow goes throug
 
 from __future__ import annotations
 
+import mmap
+import os
+import secrets
+import struct
+from pathlib import Path
+
 import numpy as np
 
 WAYS = 8
@@ -25,10 +31,49 @@ MAX_KICKS = 256
 EMPTY = -1
 
 
-class CuckooIndex:
-    """16-byte key -> non-negative int64 value (an entry id)."""
+# A shared index file: this header, then the low, high and value arrays. `moved` is MOVED (and `next`
+# names the replacement file) when the writer grows the table, and readers then map the new file; it is
+# CLOSED when the writer stops, and readers then raise instead of answering from a dead table.
+_HEADER = struct.Struct("<4sIQQ256s")  # magic, moved, buckets, generation, next path
+HEADER_BYTES = 4096
+MAGIC = b"KVIX"
+MOVED, CLOSED = 1, 2
 
-    def __init__(self, capacity: int = 1024):
+
+def lookup_arrays(lo: np.ndarray, hi: np.ndarray, values: np.ndarray, packed: np.ndarray) -> np.ndarray:
+    """The batch lookup over a table's arrays (shared by the writer and by read-only mappings)."""
+    n = len(packed)
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    mask = np.uint64(values.shape[0] - 1)
+    lows = np.concatenate([packed[:, 0], packed[:, 0]])
+    buckets = (packed.T.reshape(-1) & mask).astype(np.intp)  # first choices, then second
+    same_low = lo[buckets] == lows[:, None]  # [2n, WAYS]
+    way = same_low.argmax(axis=1)
+    ok = same_low[np.arange(2 * n), way] & (hi[buckets, way] == np.concatenate([packed[:, 1]] * 2))
+    found = np.where(ok, values[buckets, way], EMPTY)
+    return np.maximum(found[:n], found[n:])
+
+
+def _map_arrays(buf, buckets: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    size = buckets * WAYS * 8
+    lo = np.frombuffer(buf, dtype=np.uint64, count=buckets * WAYS, offset=HEADER_BYTES).reshape(buckets, WAYS)
+    hi = np.frombuffer(buf, dtype=np.uint64, count=buckets * WAYS, offset=HEADER_BYTES + size).reshape(buckets, WAYS)
+    values = np.frombuffer(buf, dtype=np.int64, count=buckets * WAYS,
+                           offset=HEADER_BYTES + 2 * size).reshape(buckets, WAYS)
+    return lo, hi, values
+
+
+class CuckooIndex:
+    """16-byte key -> non-negative int64 value. Private memory by default; with `shm_dir`, the table
+    lives in a shared-memory file (`path`) that other processes read with SharedIndexReader."""
+
+    def __init__(self, capacity: int = 1024, shm_dir: str | None = None, name: str = "kvstore-index"):
+        self.shm_dir = shm_dir
+        self.name = name
+        self.path: str | None = None
+        self._mmap: mmap.mmap | None = None
+        self._generation = 0
         buckets = 1
         while buckets * WAYS * MAX_LOAD < capacity:
             buckets *= 2
@@ -38,9 +83,43 @@ class CuckooIndex:
 
     def _alloc(self, buckets: int) -> None:
         self._mask = np.uint64(buckets - 1)
-        self._lo = np.zeros((buckets, WAYS), dtype=np.uint64)
-        self._hi = np.zeros((buckets, WAYS), dtype=np.uint64)
-        self._values = np.full((buckets, WAYS), EMPTY, dtype=np.int64)
+        if self.shm_dir is None:
+            self._lo = np.zeros((buckets, WAYS), dtype=np.uint64)
+            self._hi = np.zeros((buckets, WAYS), dtype=np.uint64)
+            self._values = np.full((buckets, WAYS), EMPTY, dtype=np.int64)
+            return
+        old_path, old_mmap = self.path, self._mmap
+        self._generation += 1
+        path = str(Path(self.shm_dir) / f"{self.name}-{os.getpid()}-{secrets.token_hex(4)}")
+        size = HEADER_BYTES + 3 * buckets * WAYS * 8
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            self._mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        self._lo, self._hi, self._values = _map_arrays(self._mmap, buckets)
+        self._values.fill(EMPTY)
+        _HEADER.pack_into(self._mmap, 0, MAGIC, 0, buckets, self._generation, b"")
+        self.path = path
+        self._previous = (old_path, old_mmap) if old_mmap is not None else None
+
+    def _retire_previous(self) -> None:
+        """Point readers of the previous file at this one (once it is filled) and unlink it."""
+        previous, self._previous = getattr(self, "_previous", None), None
+        if previous is not None:
+            old_path, old_mmap = previous
+            _HEADER.pack_into(old_mmap, 0, MAGIC, MOVED, 0, self._generation - 1, self.path.encode())
+            os.unlink(old_path)
+
+    def close(self) -> None:
+        if self.path is not None:
+            _HEADER.pack_into(self._mmap, 0, MAGIC, CLOSED, 0, self._generation, b"")
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self.path = None
 
     @property
     def capacity(self) -> int:
@@ -56,16 +135,7 @@ class CuckooIndex:
     # ---- batch lookup ---------------------------------------------------------------------------
     def lookup(self, packed: np.ndarray) -> np.ndarray:
         """Values for [n, 2] uint64 keys (low, high halves); EMPTY where absent."""
-        n = len(packed)
-        if n == 0:
-            return np.empty(0, dtype=np.int64)
-        lows = np.concatenate([packed[:, 0], packed[:, 0]])
-        buckets = (packed.T.reshape(-1) & self._mask).astype(np.intp)  # first choices, then second
-        same_low = self._lo[buckets] == lows[:, None]  # [2n, WAYS]
-        way = same_low.argmax(axis=1)
-        ok = same_low[np.arange(2 * n), way] & (self._hi[buckets, way] == np.concatenate([packed[:, 1]] * 2))
-        found = np.where(ok, self._values[buckets, way], EMPTY)
-        return np.maximum(found[:n], found[n:])
+        return lookup_arrays(self._lo, self._hi, self._values, packed)
 
     # ---- single-key updates -----------------------------------------------------------------------
     def _buckets(self, low: int, high: int) -> tuple[int, int]:
@@ -98,6 +168,14 @@ class CuckooIndex:
             self._grow()  # the new key is in; the entry it finally displaced is re-placed by growing
         self.count += 1
         return True
+
+    def set(self, low: int, high: int, value: int) -> None:
+        """Insert the key with `value`, or change the value of a present key."""
+        slot = self._slot(low, high)
+        if slot is None:
+            self.insert(low, high, value)
+        else:
+            self._values[slot] = value
 
     def remove(self, low: int, high: int) -> int:
         """Drop a key; returns its value, or EMPTY if it was absent."""
@@ -162,3 +240,43 @@ class CuckooIndex:
         for i in rest.tolist():  # rare: both buckets full
             if not self._place(int(lows[i]), int(highs[i]), int(values[i])):
                 raise RuntimeError("cuckoo index could not re-place an entry after doubling")
+        self._retire_previous()
+
+
+class SharedIndexReader:
+    """A read-only view of another process's shared CuckooIndex; follows it when the writer grows it.
+
+    Reads race with the writer's updates: a lookup may miss a key being moved or see a value being
+    changed. Callers treat results as advice (a later read of the chunk itself is verified)."""
+
+    def __init__(self, path: str, resolve=None):
+        self.resolve = resolve  # () -> the current path, for a reader that fell behind several moves
+        self._open(path)
+
+    def _open(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            self._mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        magic, moved, buckets, _, _ = _HEADER.unpack_from(self._mmap, 0)
+        if magic != MAGIC:
+            raise ValueError(f"{path} is not a kvstore index")
+        self._lo, self._hi, self._values = _map_arrays(self._mmap, buckets)
+        self.path = path
+
+    def lookup(self, packed: np.ndarray) -> np.ndarray:
+        for _ in range(8):  # follow growth: each step names its successor
+            magic, moved, _, _, successor = _HEADER.unpack_from(self._mmap, 0)
+            if not moved:
+                return lookup_arrays(self._lo, self._hi, self._values, packed)
+            if moved == CLOSED:
+                raise OSError("the index's writer has stopped")
+            try:
+                self._open(successor.rstrip(b"\0").decode())
+            except FileNotFoundError:  # moved again since: only the writer knows where it is now
+                if self.resolve is None:
+                    raise
+                self._open(self.resolve())
+        raise OSError("shared index kept moving")

@@ -56,3 +56,28 @@ def test_removed_keys_never_match_and_slots_are_reused():
         assert index.insert(i * 0x9E3779B97F4A7C15 % 2**64, i, 1000 + i)
     assert index.capacity == capacity
     assert index.lookup(keys[:1]).tolist() == [1001]
+
+
+def test_shared_index_is_read_by_another_mapping_and_followed_through_growth(tmp_path):
+    from kvstore.tiers.index import SharedIndexReader
+
+    rng = np.random.default_rng(3)
+    writer = CuckooIndex(8, shm_dir=str(tmp_path))
+    keys = random_keys(rng, 2000)
+    writer.insert(*keys[0].tolist(), 42)
+    reader = SharedIndexReader(writer.path, resolve=lambda: writer.path)  # what a client maps
+    assert reader.lookup(keys[:2]).tolist() == [42, EMPTY]
+    first_path = writer.path
+    for i, (low, high) in enumerate(keys.tolist()[1:], start=1):  # forces several doublings
+        writer.insert(low, high, i)
+    assert writer.path != first_path and not (tmp_path / first_path.rsplit("/", 1)[1]).exists()
+    expected = np.arange(2000)
+    expected[0] = 42
+    assert np.array_equal(reader.lookup(keys), expected)  # followed the moves
+    writer.set(*keys[5].tolist(), 7)
+    writer.remove(*keys[6].tolist())
+    assert reader.lookup(keys[5:7]).tolist() == [7, EMPTY]
+    writer.close()
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(OSError):  # a stopped writer's table is never answered from
+        reader.lookup(keys[:1])
