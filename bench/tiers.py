@@ -77,16 +77,22 @@ def _cpu_trials(client: LocalClient, geometry: Geometry, data: torch.Tensor, bat
                 raise RuntimeError(f"put stored {result.stored} of {len(keys[i:i + batch])}")
         put_s = time.perf_counter() - start
         out.zero_()
-        start = time.perf_counter()
-        for i in range(0, n, batch):
-            if client.get(keys[i:i + batch], out=out[i:i + batch]).shape[0] != len(keys[i:i + batch]):
-                raise RuntimeError("chunks missing from the arena")
-        get_s = time.perf_counter() - start
-        if not torch.equal(out.view(torch.uint8), data.view(torch.uint8)):
-            raise AssertionError("bytes read back differ from bytes written")
+        get_s = _timed_get(client, keys, data, out, batch)
         client.evict(keys, tiers=("cpu",))
         results.append((memcpy_s, put_s, get_s))
     return results
+
+
+def _timed_get(client: LocalClient, keys, data: torch.Tensor, out: torch.Tensor, batch: int) -> float:
+    """Seconds to get every chunk into `out`, `batch` per request; then check they equal `data`."""
+    start = time.perf_counter()
+    for i in range(0, len(keys), batch):
+        if client.get(keys[i:i + batch], out=out[i:i + batch]).shape[0] != len(keys[i:i + batch]):
+            raise RuntimeError("chunks missing from the store")
+    seconds = time.perf_counter() - start
+    if not torch.equal(out.view(torch.uint8), data.view(torch.uint8)):
+        raise AssertionError("bytes read back differ from bytes written")
+    return seconds
 
 
 def _median(values) -> float:
@@ -163,14 +169,7 @@ def _disk_trial(client: LocalClient, keys, data: torch.Tensor, batch: int, disk_
     write_s = time.perf_counter() - start
     client.evict(keys, tiers=("cpu",))
     _drop_page_cache(disk_dir)
-    out = torch.empty_like(data)
-    start = time.perf_counter()
-    for i in range(0, n, batch):
-        if client.get(keys[i:i + batch], out=out[i:i + batch]).shape[0] != len(keys[i:i + batch]):
-            raise RuntimeError("chunks missing on the disk tier")
-    read_s = time.perf_counter() - start
-    if not torch.equal(out.view(torch.uint8), data.view(torch.uint8)):
-        raise AssertionError("bytes read back from disk differ from bytes written")
+    read_s = _timed_get(client, keys, data, torch.empty_like(data), batch)
     client.evict(keys, tiers=("cpu",))
     return write_s, read_s
 

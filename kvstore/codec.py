@@ -10,14 +10,20 @@ turn into a miss.
 from __future__ import annotations
 
 import functools
+import math
 import struct
 import warnings
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
+import lz4.block
 import xxhash
 
 from .errors import CorruptChunk, InvalidArgument, UnknownCodec
-from .layout import DTYPE_BY_ID, DTYPES, Geometry
+from .layout import DTYPE_BY_ID, DTYPES, Geometry, dtype_itemsize
+
+if TYPE_CHECKING:  # torch is imported inside the functions that use it: the agent never does
+    import torch
 
 MAGIC = b"KVC1"
 FORMAT_VERSION = 1
@@ -149,11 +155,6 @@ class ChunkHeader:
 # the plane's group grid and stored in the chunk's own dtype:
 #   K: [layers, tokens / group, heads, head_dim]      V, MLA: [layers, tokens, heads, head_dim / group]
 
-import math
-
-import lz4.block  # torch is imported inside the functions that need it: the agent never does
-
-from .layout import dtype_itemsize
 
 _QUANT_BITS = {"int8": 8, "int4": 4}
 _QUANT_DTYPES = ("float32", "float16", "bfloat16")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -10,11 +9,7 @@ from kvstore.errors import AgentUnavailable, ChunkTooLarge, GeometryMismatch, In
 from kvstore.keys import Namespace
 from kvstore.layout import Geometry
 
-from .conftest import SMALL, SMALL_NS, small_chunks
-
-
-def tokens(n_chunks: int, start: int = 0) -> np.ndarray:
-    return np.arange(n_chunks * SMALL.tokens) + start
+from .conftest import SMALL, SMALL_NS, small_chunks, tokens
 
 
 def test_put_get_round_trip_is_byte_identical(agent):

@@ -11,16 +11,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from kvstore.client import LocalClient
 
-from .conftest import SMALL, SMALL_NS, agent_settings, clean_env, small_chunks, spawn_agent, stop_agent, write_config
-
-
-def tokens(n_chunks: int, start: int = 0) -> np.ndarray:
-    return np.arange(n_chunks * SMALL.tokens) + start
+from .conftest import SMALL_NS, agent_settings, clean_env, small_chunks, tokens, spawn_agent, stop_agent, write_config
 
 
 def test_write_behind_then_promotion_from_disk(agent):
@@ -154,8 +149,10 @@ def test_sigkill_during_disk_writes_loses_no_flushed_chunk_and_tears_none(tmp_pa
         writer.wait()
         if agent.poll() is None:
             agent.kill()
+    killed = agent.pid
     os.unlink(socket_path)
     agent = spawn_agent(config, socket_path)
+    assert not list(Path("/dev/shm").glob(f"kvstore-*-{killed}-*"))  # the dead agent's shared files are swept
     try:
         from kvstore.keys import Namespace
         from kvstore.layout import Geometry

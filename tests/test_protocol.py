@@ -11,7 +11,7 @@ import pytest
 
 from kvstore.codec import HEADER_BYTES, ChunkHeader
 from kvstore.protocol import PROTOCOL_VERSION, FrameReader, pack, raise_for_reply
-from kvstore.errors import InvalidArgument, NotFound
+from kvstore.errors import NotFound
 
 from .conftest import SMALL, SMALL_NS, small_chunks
 

@@ -22,11 +22,22 @@ PAGE = 4096
 ARENA_PREFIX = "kvstore-arena-"
 
 
+STALE_PREFIXES = (ARENA_PREFIX, "kvstore-directory-")  # shared files named <prefix><agent pid>-<random>
+
+
 def remove_stale_arenas(shm_dir: str) -> list[str]:
-    """Unlink arena files whose agent (the pid in the name) is gone, e.g. after a SIGKILL."""
+    """Unlink the agent's shared files (arena, directory) whose agent, the pid in the name, is gone
+    (e.g. after a SIGKILL)."""
     removed = []
-    for path in Path(shm_dir).glob(f"{ARENA_PREFIX}*"):
-        pid = path.name[len(ARENA_PREFIX):].split("-", 1)[0]
+    for prefix in STALE_PREFIXES:
+        removed += _remove_stale(shm_dir, prefix)
+    return removed
+
+
+def _remove_stale(shm_dir: str, prefix: str) -> list[str]:
+    removed = []
+    for path in Path(shm_dir).glob(f"{prefix}*"):
+        pid = path.name[len(prefix):].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             try:
                 path.unlink()

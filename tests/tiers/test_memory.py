@@ -170,7 +170,8 @@ def test_free_rejects_offsets_of_free_slabs_and_misaligned_offsets():
 
 def test_free_rejects_slots_that_are_not_handed_out():
     pool = SlabPool(2 * MiB, SLAB)
-    a, b = pool.alloc(12288), pool.alloc(12288)
+    pool.alloc(12288)  # stays allocated: slab 0 is in use
+    b = pool.alloc(12288)
     pool.free(b)
     bad = [b, 2 * 12288, (SLAB // 12288) * 12288, pool.capacity, pool.capacity + 12288, -12288]
     for offset in bad:
