@@ -169,7 +169,8 @@ def _disk_trial(client: LocalClient, keys, data: torch.Tensor, batch: int, disk_
     write_s = time.perf_counter() - start
     client.evict(keys, tiers=("cpu",))
     _drop_page_cache(disk_dir)
-    read_s = _timed_get(client, keys, data, torch.empty_like(data), batch)
+    out = torch.zeros_like(data)  # resident, like an engine's KV buffer (and the raw read's buffer)
+    read_s = _timed_get(client, keys, data, out, batch)
     client.evict(keys, tiers=("cpu",))
     return write_s, read_s
 

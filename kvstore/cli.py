@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="start an agent and play a multi-round chat workload through it")
     demo.add_argument("--users", type=int, default=6)
     demo.add_argument("--rounds", type=int, default=5)
-    demo.add_argument("--arena", default="384MiB", help="arena size: smaller than the working set on purpose")
+    demo.add_argument("--arena", default="192MiB", help="arena size: smaller than the working set on purpose")
     demo.set_defaults(func=cmd_demo)
     return parser
 
