@@ -7,8 +7,9 @@ with its baseline trial so both see the same conditions:
 - cpu_put_gbps / cpu_get_gbps: a client process (this one) putting / getting chunks through an agent
   process: reserve + copy into the arena + commit, and acquire + copy out + release, round trips included;
 - disk_write_gbps: put + write-behind until flush() returns (the data is fsynced on disk);
-- disk_read_gbps: chunks evicted from the arena and dropped from the page cache, then read back through
-  the agent (promotion from disk into the arena, then copied out);
+- disk_read_gbps: chunks evicted from the arena and dropped from the page cache, then acquired through
+  the agent: read from disk into arena slots the client maps, checksum-verified, pinned, readable in
+  place (copying them onward is the CPU tier's get, measured above);
 - disk_raw_*: the same bytes written with the same batch size + fsync, and read back cold, with plain
   file I/O in the same directory.
 """
@@ -169,8 +170,17 @@ def _disk_trial(client: LocalClient, keys, data: torch.Tensor, batch: int, disk_
     write_s = time.perf_counter() - start
     client.evict(keys, tiers=("cpu",))
     _drop_page_cache(disk_dir)
-    out = torch.zeros_like(data)  # resident, like an engine's KV buffer (and the raw read's buffer)
-    read_s = _timed_get(client, keys, data, out, batch)
+    read_s = 0.0
+    raw = data.view(torch.uint8).reshape(n, -1)
+    for i in range(0, n, batch):
+        start = time.perf_counter()
+        with client.acquire(keys[i:i + batch]) as views:  # promoted, verified, mapped: readable in place
+            read_s += time.perf_counter() - start
+            if len(views) != len(keys[i:i + batch]):
+                raise RuntimeError("chunks missing on the disk tier")
+            for j, (_, payload) in enumerate(views):  # checked outside the timed part
+                if not torch.equal(payload, raw[i + j]):
+                    raise AssertionError("bytes read back from disk differ from bytes written")
     client.evict(keys, tiers=("cpu",))
     return write_s, read_s
 

@@ -390,6 +390,7 @@ class NodeStore:
     def _promote(self, info: _NamespaceInfo, items, offsets, sizes, reasons) -> np.ndarray:
         """Read disk hits straight into their arena slots (outside the lock), then index and pin them."""
         assert self.disk is not None
+        self.disk.prefetch([key for _, key, _, _ in items])
         done: list[tuple[int, bytes, int, int, bool]] = []
         for index, key, offset, nbytes in items:
             try:
