@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import codec
-from .bytecopy import copy_tensor
+from .bytecopy import as_numpy
 from .codec import HEADER_BYTES, ChunkHeader
 from .config import KVStoreConfig, load_config
 from .errors import AgentUnavailable, CorruptChunk, InvalidArgument, LeaseExpired
@@ -97,6 +97,7 @@ class AgentConnection:
         if self._arena_path != hello["arena_path"]:
             self._mmap = map_arena(hello["arena_path"], hello["arena_bytes"], populate=hello["prefault"])
             self.arena = torch.frombuffer(self._mmap, dtype=torch.uint8)
+            self.arena_np = np.frombuffer(self._mmap, dtype=np.uint8)  # cheaper to slice per chunk
             self._arena_path = hello["arena_path"]
         self.directory = None
         if hello.get("directory_path"):
@@ -281,12 +282,12 @@ class LocalClient:
             payload_len = sizes[i] - HEADER_BYTES
             header = ChunkHeader(codec=self.codec, geometry=self.geometry, payload_len=payload_len,
                                  namespace=self.namespace.digest, key=keys[i], group=group)
-            self._arena[offset:offset + HEADER_BYTES].numpy()[:] = memoryview(header.pack())
-            dst = self._arena[offset + HEADER_BYTES:offset + sizes[i]]
-            if payloads[i] is None:  # raw: gather the (possibly strided) chunk straight into its slot
-                copy_tensor(dst.view(self.geometry.torch_dtype).view(self.geometry.shape), chunks[i])
-            else:
-                copy_tensor(dst, payloads[i])
+            arena = self.conn.arena_np
+            arena[offset:offset + HEADER_BYTES] = np.frombuffer(header.pack(), dtype=np.uint8)
+            dst = arena[offset + HEADER_BYTES:offset + sizes[i]]
+            src = as_numpy(chunks[i] if payloads[i] is None else payloads[i])
+            # raw: gather the (possibly strided) chunk straight into its slot, in its own dtype's width
+            np.copyto(dst.view(src.dtype).reshape(src.shape), src, casting="no")
         result = self._call("commit", {"rid": reply["rid"]})
         return result["stored"], existing, no_space, [tuple(e) for e in result["errors"]]
 
