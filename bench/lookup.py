@@ -7,9 +7,10 @@ prefix and the tier of each chunk, answered from the agent's shared directory (m
 round trip). `rpc_p50_us_*` measure the same lookup asked of the agent over its socket. Keys are
 computed before the timed loop (an engine hashes while it schedules); `hash_us_128` is that cost.
 
-index_bytes_per_chunk = (growth of the agent's anonymous resident memory, RssAnon, while the chunks
-were inserted: its private index and per-chunk records, not the arena) + (size of the shared directory
-file), divided by the number of chunks.
+index_bytes_per_chunk = (growth of the agent's anonymous resident memory, RssAnon, from before the
+chunks were inserted to steady state 3 s after the last request, when the agent has returned freed
+request garbage to the OS: its private index and per-chunk records, not the arena) + (size of the shared
+directory file), divided by the number of chunks.
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ def run(args) -> dict:
                     result[f"chunks_indexed_{label}"] = client.stats()["tiers"]["cpu"]["chunks"]
                     log(f"{label}: p50 {p50:.1f} us, p99 {p99:.1f} us")
                 chunks = client.stats()["tiers"]["cpu"]["chunks"]
+                time.sleep(3.0)  # steady state: the agent trims freed request garbage every few seconds
                 directory_bytes = os.path.getsize(client.conn.directory.path)
                 private = _rss_anon(proc.pid) - rss_before
                 result["index_bytes_per_chunk"] = round((private + directory_bytes) / chunks, 1)

@@ -9,6 +9,7 @@ socket, one thread per connection; data never crosses the socket, only arena off
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import os
@@ -441,10 +442,17 @@ class NodeStore:
                 self._drop_reservation(rid)
 
     def _sweep_loop(self) -> None:
-        """Reclaim expired leases and reservations (a stuck client cannot hold space forever)."""
+        """Reclaim expired leases and reservations (a stuck client cannot hold space forever), and
+        every few seconds of activity give freed heap back to the OS (glibc keeps request garbage)."""
+        trim = _malloc_trim()
+        last_trim, served_then = time.monotonic(), 0
         while not self._stopping:
             time.sleep(0.5)
             now = time.monotonic()
+            served = sum(self.counters.values.values())
+            if trim is not None and served != served_then and now - last_trim > 2.0:
+                trim(0)
+                last_trim, served_then = now, served
             with self.lock:
                 for lid in [lid for lid, lease in self._leases.items() if lease.expiry < now]:
                     self.cpu.unpin(self._leases.pop(lid).eids)
@@ -653,6 +661,14 @@ class NodeStore:
             self.disk.close()
         self.cpu.close()
         self.directory.close()
+
+
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def _geometry_wire(g: Geometry) -> list:
