@@ -106,6 +106,7 @@ class AgentConnection:
             except OSError:
                 self.directory = None  # another host's or a vanished file: lookups go over the socket
         self.lease_ttl_s = hello["lease_ttl_s"]
+        self.arena_bytes = hello["arena_bytes"]
         self.max_batch = hello["max_batch_chunks"]
         self.agent_pid = hello["pid"]
         if self.on_connect is not None:
@@ -160,9 +161,11 @@ class LocalClient:
         self.namespace = namespace
         self.geometry = geometry
         self.codec = codec_name
+        self._credit: dict | None = None  # arena slots reserved by the last commit for the next put
         self.conn = AgentConnection(socket_path, timeout, cfg, on_connect=self._register)
 
     def _register(self, conn: AgentConnection) -> None:
+        self._credit = None  # a new connection: slots of the old one are gone
         self.ns_id = conn.call("register", {"ns": self.namespace.digest, "geometry": _geometry_wire(self.geometry),
                                             "description": _describe(self.namespace)})
 
@@ -265,10 +268,31 @@ class LocalClient:
             payloads = [p for p, _ in encoded]
             group = encoded[0][1] if encoded else 0
             sizes = [HEADER_BYTES + p.numel() for p in payloads]
-        sent = time.monotonic()
-        reply = self._call("reserve", {"ns": self.namespace.digest, "keys": b"".join(keys), "sizes": sizes})
-        offsets = reply["offsets"]
-        deadline = _lease_deadline(sent, reply["ttl"])
+        credit, self._credit = self._credit, None
+        if credit is not None and credit_fits(credit, sizes):
+            # One round trip: write into slots reserved by the previous commit, name the keys at commit.
+            # Chunks the shared directory shows as stored are skipped (the agent re-checks at commit).
+            stored_now = self._stored(keys)
+            rid, deadline = credit["rid"], credit["deadline"]
+            free = iter(enumerate(credit["offsets"]))
+            offsets, named = [], {}
+            for key, skip in zip(keys, stored_now):
+                if skip:
+                    offsets.append(RESERVE_EXISTS)
+                    continue
+                slot, offset = next(free)
+                offsets.append(offset)
+                named[slot] = key
+            if not named:
+                self._credit = credit  # nothing to write: keep the credit for the next put
+                return 0, len(keys), 0, []
+        else:
+            if credit is not None:
+                self._call("abort", {"rid": credit["rid"]})
+            sent = time.monotonic()
+            reply = self._call("reserve", {"ns": self.namespace.digest, "keys": b"".join(keys), "sizes": sizes})
+            rid, offsets, named = reply["rid"], reply["offsets"], None
+            deadline = _lease_deadline(sent, reply["ttl"])
         existing = sum(1 for o in offsets if o == RESERVE_EXISTS)
         no_space = sum(1 for o in offsets if o == RESERVE_NO_SPACE)
         if existing + no_space == len(keys):
@@ -277,7 +301,7 @@ class LocalClient:
             if offset < 0:
                 continue
             if time.monotonic() > deadline:  # the agent may hand this slot to someone else now
-                self._call("abort", {"rid": reply["rid"]})
+                self._call("abort", {"rid": rid})
                 raise LeaseExpired("reservation expired before the chunks were written")
             payload_len = sizes[i] - HEADER_BYTES
             header = ChunkHeader(codec=self.codec, geometry=self.geometry, payload_len=payload_len,
@@ -288,8 +312,38 @@ class LocalClient:
             src = as_numpy(chunks[i] if payloads[i] is None else payloads[i])
             # raw: gather the (possibly strided) chunk straight into its slot, in its own dtype's width
             np.copyto(dst.view(src.dtype).reshape(src.shape), src, casting="no")
-        result = self._call("commit", {"rid": reply["rid"]})
-        return result["stored"], existing, no_space, [tuple(e) for e in result["errors"]]
+        args = {"rid": rid, "renew": self._credit_sizes(sizes)}
+        if named is not None:
+            args["named"] = named
+        sent = time.monotonic()
+        result = self._call("commit", args)
+        if result.get("next"):
+            credit = result["next"]
+            offsets_next = [o for o in credit["offsets"] if o >= 0]
+            if len(offsets_next) == len(credit["offsets"]):
+                self._credit = {"rid": credit["rid"], "offsets": offsets_next, "size": sizes[0],
+                                "deadline": _lease_deadline(sent, credit["ttl"])}
+            else:  # the arena could not spare them all: give the credit back
+                self._call("abort", {"rid": credit["rid"]})
+        return (result["stored"], existing + result.get("existing", 0), no_space,
+                [tuple(e) for e in result["errors"]])
+
+    def _credit_sizes(self, sizes: list[int]) -> list[int]:
+        """Sizes of the credit to reserve for the next put: like this one, if the chunks have one size,
+        holding at most 1/16 of the arena."""
+        if not sizes or any(size != sizes[0] for size in sizes):
+            return []
+        return [sizes[0]] * min(len(sizes), max(1, self.conn.arena_bytes // 16 // sizes[0]))
+
+    def _stored(self, keys: Sequence[bytes]) -> list[bool]:
+        """Which keys the shared directory shows as stored in this namespace (all False without it)."""
+        if self.conn.directory is None:
+            return [False] * len(keys)
+        try:
+            values = self.conn.directory.lookup(pack_keys(keys))
+        except (OSError, ValueError):
+            return [False] * len(keys)
+        return ((values >= 0) & (values >> 8 == self.ns_id) & (values & 0xFF != 0)).tolist()
 
     # ---- get -------------------------------------------------------------------------------------
     @contextmanager
@@ -357,6 +411,12 @@ class LocalClient:
 
     def stats(self) -> dict:
         return self._call("stats", {})
+
+
+def credit_fits(credit: dict, sizes: list[int]) -> bool:
+    """A credit serves a put if it is still valid, has enough slots, and they are the right size."""
+    return (time.monotonic() < credit["deadline"] and len(credit["offsets"]) >= len(sizes)
+            and all(size == credit["size"] for size in sizes))
 
 
 def _as_keys(client: LocalClient, tokens_or_keys) -> list[bytes]:

@@ -225,11 +225,14 @@ class NodeStore:
         return self._tiers(self._namespace(digest), blob).tobytes()
 
     # ---- put: reserve, (client writes), commit ---------------------------------------------------
-    def reserve(self, conn: int, digest: bytes, keys: list[bytes], sizes: list[int]) -> dict:
+    def reserve(self, conn: int, digest: bytes, keys: list[bytes] | None, sizes: list[int]) -> dict:
         """Arena slots for chunks of `sizes` bytes (header included). Per key: an offset, or
-        RESERVE_EXISTS (already stored or in flight), or RESERVE_NO_SPACE."""
+        RESERVE_EXISTS (already stored or in flight), or RESERVE_NO_SPACE. With keys=None the slots are
+        a credit: the keys are named at commit (so a client's next put costs one round trip)."""
         info = self._namespace(digest)
-        if len(sizes) != len(keys) or not all(isinstance(s, int) for s in sizes):
+        if keys is None:
+            keys = [None] * len(sizes)
+        if len(sizes) != len(keys) or not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
             raise InvalidArgument("reserve needs one integer size per key")
         for size in sizes:
             if size <= HEADER_BYTES:
@@ -240,9 +243,10 @@ class NodeStore:
         offsets: list[int] = []
         items = []
         with self.lock:
-            present = self.cpu.contains(keys) | self._disk_has(keys, digest)
+            named = [k for k in keys if k is not None]
+            present = iter(self.cpu.contains(named) | self._disk_has(named, digest)) if named else iter(())
             for i, (key, size) in enumerate(zip(keys, sizes)):
-                if present[i] or key in self._inflight:
+                if key is not None and (next(present) or key in self._inflight):
                     offsets.append(RESERVE_EXISTS)
                     continue
                 try:
@@ -251,7 +255,8 @@ class NodeStore:
                     offsets.append(RESERVE_NO_SPACE)
                     self.counters.add("reserve_no_space")
                     continue
-                self._inflight.add(key)
+                if key is not None:
+                    self._inflight.add(key)
                 items.append((i, key, offset, size))
                 offsets.append(offset)
             rid = next(self._ids)
@@ -277,10 +282,15 @@ class NodeStore:
                                   f"not {header.payload_len}")
         return header
 
-    def commit(self, conn: int, rid: int) -> dict:
-        """Publish the chunks of a reservation. Invalid chunks are dropped and reported per index."""
+    def commit(self, conn: int, rid: int, named: dict[int, bytes] | None = None,
+               renew: list[int] | None = None) -> dict:
+        """Publish the chunks of a reservation. Invalid chunks are dropped and reported per index.
+
+        For a credit (keyless) reservation, `named` maps slot index -> the key written there; unnamed
+        slots are freed, and a named key that is stored by now counts as existing (its slot is freed).
+        `renew`: sizes of a new credit to reserve in the same round trip."""
         errors: list[list] = []
-        stored = 0
+        stored = existing = 0
         with self.lock:
             reservation = self._reservations.pop(rid, None)
             if reservation is None or reservation.conn != conn:
@@ -288,7 +298,19 @@ class NodeStore:
             info = self._ns_by_id[reservation.ns_id]
             assert info is not None
             admit = self.disk is not None and self.cfg.disk.admission == "always"
-            for index, key, offset, nbytes in reservation.items:
+            items = reservation.items
+            if any(key is None for _, key, _, _ in items):  # a credit: the client names the keys now
+                items = []
+                for index, _, offset, nbytes in reservation.items:
+                    key = (named or {}).get(index)
+                    if not isinstance(key, bytes) or len(key) != 16:
+                        self.cpu.release_slot(offset)  # unused (or unnamed) credit slot
+                    elif key in self._inflight or self.cpu.contains([key])[0] or self._disk_has([key], info.digest)[0]:
+                        self.cpu.release_slot(offset)  # stored meanwhile: first writer wins
+                        existing += 1
+                    else:
+                        items.append((index, key, offset, nbytes))
+            for index, key, offset, nbytes in items:
                 self._inflight.discard(key)
                 try:
                     self._check_chunk(info, key, offset, nbytes)
@@ -304,7 +326,11 @@ class NodeStore:
                     if admit:
                         self._enqueue(int(self.cpu.find([key])[0]), key)
             self.counters.add("chunks_stored", stored)
-        return {"stored": stored, "errors": errors}
+        result = {"stored": stored, "existing": existing, "errors": errors}
+        if renew:
+            credit = self.reserve(conn, info.digest, None, renew)
+            result["next"] = {"rid": credit["rid"], "offsets": credit["offsets"], "ttl": credit["ttl"]}
+        return result
 
     def abort(self, conn: int, rid: int) -> None:
         with self.lock:
@@ -819,10 +845,16 @@ class AgentServer:
         return self.store.contains(_arg(args, "ns", bytes), self._key_blob(args))
 
     def _reserve(self, conn: int, args: dict) -> dict:
-        return self.store.reserve(conn, _arg(args, "ns", bytes), self._keys(args), _arg(args, "sizes", list))
+        keys = self._keys(args) if "keys" in args else None  # no keys: a credit, named at commit
+        return self.store.reserve(conn, _arg(args, "ns", bytes), keys, _arg(args, "sizes", list))
 
     def _commit(self, conn: int, args: dict) -> dict:
-        return self.store.commit(conn, _arg(args, "rid", int))
+        named, renew = args.get("named"), args.get("renew")
+        if named is not None and (not isinstance(named, dict) or not all(isinstance(i, int) for i in named)):
+            raise InvalidArgument("named maps slot indexes (ints) to keys")
+        if renew is not None and not isinstance(renew, list):
+            raise InvalidArgument("renew is a list of chunk sizes")
+        return self.store.commit(conn, _arg(args, "rid", int), named, renew)
 
     def _abort(self, conn: int, args: dict) -> None:
         self.store.abort(conn, _arg(args, "rid", int))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -143,3 +145,55 @@ def test_agent_gone_mid_session_is_unavailable_not_a_hang(start_agent):
     agent.stop()
     with pytest.raises(AgentUnavailable):
         client.lookup(keys)
+
+
+def count_ops(client) -> list[str]:
+    """Record the ops a client sends (wraps its connection's call)."""
+    ops: list[str] = []
+    call = client.conn.call
+
+    def recording(op, args, timeout=None):
+        ops.append(op)
+        return call(op, args, timeout)
+
+    client.conn.call = recording
+    return ops
+
+
+def test_puts_after_the_first_cost_one_round_trip(agent):
+    client = agent.client()
+    ops = count_ops(client)
+    for i in range(4):
+        keys = client.keys(tokens(2, start=i * 1000))
+        assert client.put(keys, small_chunks(2, seed=i)).stored == 2
+    assert ops == ["reserve", "commit", "commit", "commit", "commit"]  # later puts use the credit
+    for i in range(4):
+        assert torch.equal(client.get(client.keys(tokens(2, start=i * 1000))), small_chunks(2, seed=i))
+    ops.clear()
+    again = client.put(client.keys(tokens(2, start=0)), small_chunks(2))
+    assert (again.stored, again.existing) == (0, 2) and ops == []  # the shared directory says: stored
+
+
+def test_credit_put_first_writer_wins_and_credit_is_freed_on_disconnect(agent):
+    a, b = agent.client(), agent.client()
+    warm = agent.client().stats()["tiers"]["cpu"]["used_bytes"]
+    a.put(a.keys(tokens(2, start=50_000)), small_chunks(2))  # now each holds a credit
+    b.put(b.keys(tokens(2, start=60_000)), small_chunks(2))
+    keys = a.keys(tokens(2, start=70_000))
+    # b writes the same chunks through its credit while a's are being committed: the first commit wins
+    first = a.put(keys, small_chunks(2, seed=1))
+    second = b.put(keys, small_chunks(2, seed=2))
+    assert first.stored == 2 and second.stored == 0 and second.existing == 2
+    assert torch.equal(b.get(keys), small_chunks(2, seed=1))
+    a.close()
+    b.close()
+    from kvstore.tiers.slab import size_class
+
+    stored = 6 * size_class(SMALL.nbytes + 128)  # six chunks, in their slots
+    observer = agent.client()
+    deadline = time.monotonic() + 5
+    while observer.stats()["reservations"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert observer.stats()["reservations"] == 0
+    used = observer.stats()["tiers"]["cpu"]["used_bytes"]
+    assert used == warm + stored  # no credit slot left behind

@@ -158,3 +158,14 @@ def test_leases_and_reservations_expire_for_stuck_clients(start_agent):
     assert stats["tiers"]["cpu"]["pinned_bytes"] == 0
     assert stats["counters"]["leases_expired"] >= 1 and stats["counters"]["reservations_expired"] >= 1
     raw.close()
+
+
+def test_commit_rejects_malformed_credit_arguments(agent):
+    raw = Raw(agent.socket_path)
+    register(raw)
+    reply = raw_result(raw.call("reserve", {"ns": SMALL_NS.digest, "sizes": [HEADER_BYTES + SMALL.nbytes]}))
+    assert raw.call("commit", {"rid": reply["rid"], "named": {"0": b"x" * 16}})[:2] == ["err", "invalid_argument"]
+    assert raw.call("commit", {"rid": reply["rid"], "renew": 5})[:2] == ["err", "invalid_argument"]
+    done = raw_result(raw.call("commit", {"rid": reply["rid"], "named": {0: b"short"}}))
+    assert (done["stored"], done["existing"]) == (0, 0)  # an unnamed/badly named slot is just freed
+    raw.close()
