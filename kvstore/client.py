@@ -37,6 +37,7 @@ from .tiers.cpu import map_arena
 from .tiers.index import SharedIndexReader
 from .tiers.memory import pack_keys
 
+_KEY_AT, _CODEC_AT = 64, 6  # byte offsets of the key and the codec id in a chunk header (docs/chunk-format.md)
 _LEASE_MARGIN_S = 1.0  # stop touching a slot this long before the agent may reclaim it
 
 
@@ -347,29 +348,42 @@ class LocalClient:
 
     # ---- get -------------------------------------------------------------------------------------
     @contextmanager
-    def acquire(self, keys: Sequence[bytes], prefix: bool = True) -> Iterator[list[tuple[ChunkHeader, torch.Tensor]]]:
-        """Pin the stored chunks among `keys` and yield (header, payload view) for each hit, in order
-        (with `prefix`, up to the first miss). The views are only valid inside the `with` block."""
+    def _pinned_slots(self, keys: Sequence[bytes], prefix: bool) -> Iterator[list[tuple[int, int, int]]]:
+        """Pin the stored chunks among `keys`; yield (index, offset, size) of each hit, valid inside the
+        block. Each slot's header must name its key (the agent validated the header at commit)."""
         if len(keys) > self.max_batch:
             raise InvalidArgument(f"acquire takes at most {self.max_batch} keys at once")
         sent = time.monotonic()
         reply = self._call("acquire", {"ns": self.namespace.digest, "keys": b"".join(keys), "prefix": prefix})
         self.last_miss_reasons = reply["reasons"]
+        arena = self.conn.arena_np
         try:
-            views = []
+            slots = []
             for i, (offset, size) in enumerate(zip(reply["offsets"], reply["sizes"])):
                 if offset < 0:
                     continue
-                header = ChunkHeader.unpack(self._arena[offset:offset + HEADER_BYTES].numpy())
-                if header.key != keys[i] or header.total_len != size:
+                if arena[offset + _KEY_AT:offset + _KEY_AT + 16].tobytes() != keys[i]:
                     raise CorruptChunk(f"arena slot of chunk {i} holds another chunk")
-                views.append((header, self._arena[offset + HEADER_BYTES:offset + size]))
-            yield views
+                slots.append((i, offset, size))
+            yield slots
             if time.monotonic() > _lease_deadline(sent, reply["ttl"]):
                 raise LeaseExpired("lease expired while the chunks were being read; data discarded")
         finally:
             if self.conn.connected:
                 self._call("release", {"lid": reply["lid"]})
+
+    @contextmanager
+    def acquire(self, keys: Sequence[bytes], prefix: bool = True) -> Iterator[list[tuple[ChunkHeader, torch.Tensor]]]:
+        """Pin the stored chunks among `keys` and yield (header, payload view) for each hit, in order
+        (with `prefix`, up to the first miss). The views are only valid inside the `with` block."""
+        with self._pinned_slots(keys, prefix) as slots:
+            views = []
+            for i, offset, size in slots:
+                header = ChunkHeader.unpack(self._arena[offset:offset + HEADER_BYTES].numpy())
+                if header.total_len != size:
+                    raise CorruptChunk(f"arena slot of chunk {i} holds a chunk of another size")
+                views.append((header, self._arena[offset + HEADER_BYTES:offset + size]))
+            yield views
 
     def get(self, keys: Sequence[bytes], out: torch.Tensor | None = None) -> torch.Tensor:
         """The stored prefix of `keys` as a tensor [n, *geometry.shape] (n may be < len(keys)).
@@ -378,18 +392,26 @@ class LocalClient:
                                 or out.dtype != self.geometry.torch_dtype):
             raise InvalidArgument(f"out must be [>= {len(keys)}, *{self.geometry.shape}] "
                                   f"{self.geometry.torch_dtype}")
+        raw_size = HEADER_BYTES + self.geometry.nbytes
+        arena = self.conn.arena_np
         results = []
         for start in range(0, len(keys), self.max_batch):
             batch = keys[start:start + self.max_batch]
-            with self.acquire(batch, prefix=True) as views:
+            with self._pinned_slots(batch, prefix=True) as slots:
                 if out is None:
-                    target = torch.empty((len(views), *self.geometry.shape), dtype=self.geometry.torch_dtype)
+                    target = torch.empty((len(slots), *self.geometry.shape), dtype=self.geometry.torch_dtype)
                 else:
-                    target = out[start:start + len(views)]
-                for i, (header, payload) in enumerate(views):
-                    codec.decode(header, payload, out=target[i])
+                    target = out[start:start + len(slots)]
+                for n, (_, offset, size) in enumerate(slots):
+                    if size == raw_size and arena[offset + _CODEC_AT] == codec.CODEC_IDS["raw"]:
+                        dst = as_numpy(target[n])  # raw: one copy straight out of the arena
+                        src = arena[offset + HEADER_BYTES:offset + size].view(dst.dtype).reshape(dst.shape)
+                        np.copyto(dst, src, casting="no")
+                    else:
+                        header = ChunkHeader.unpack(arena[offset:offset + HEADER_BYTES])
+                        codec.decode(header, self._arena[offset + HEADER_BYTES:offset + size], out=target[n])
             results.append(target)
-            if len(views) < len(batch):
+            if len(slots) < len(batch):
                 break
         if out is not None:
             return out[: sum(len(r) for r in results)]
