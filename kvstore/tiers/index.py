@@ -4,9 +4,9 @@ A key lives in one of two buckets of WAYS slots: bucket `low & mask` or `high & 
 high are the key's two 64-bit halves (keys are xxh3-128 digests, so both are uniform). A batch lookup
 is therefore a fixed number of vectorised gathers (one cache line per bucket per array): no probe loop,
 and no Python object per key, so it costs the same at 10^3 and at 10^6 entries and the garbage
-collector never walks the index. Each slot costs 24 bytes (two key halves and an int64 value); a bucket
-is one contiguous 192-byte row (its 8 low halves, 8 high halves, 8 values), so a lookup gathers one row
-per bucket, compares the low halves, and checks the high half and the value of the one candidate slot. So a key is refused on insert when a live key in its buckets shares its
+collector never walks the index. Each slot costs 24 bytes (two key halves and an int64 value). A lookup
+compares low halves across both buckets (one 64-byte gather each), then checks the high half and the
+value at the one candidate slot. So a key is refused on insert when a live key in its buckets shares its
 low half (odds ~2^-64 for digests; the lookup would only ever see the first). A freed slot's key is
 zeroed, so a stale slot never matches (a key whose low half is 0 is refused for the same reason).
 
@@ -40,29 +40,28 @@ MAGIC = b"KVIX"
 MOVED, CLOSED = 1, 2
 
 
-def lookup_table(table: np.ndarray, packed: np.ndarray) -> np.ndarray:
-    """The batch lookup over a [buckets, 3 * WAYS] table (shared by the writer and read-only mappings)."""
+def lookup_arrays(lo: np.ndarray, hi: np.ndarray, values: np.ndarray, packed: np.ndarray) -> np.ndarray:
+    """The batch lookup over a table's arrays (shared by the writer and by read-only mappings)."""
     n = len(packed)
     if n == 0:
         return np.empty(0, dtype=np.int64)
-    mask = np.uint64(table.shape[0] - 1)
+    mask = np.uint64(values.shape[0] - 1)
+    lows = np.concatenate([packed[:, 0], packed[:, 0]])
     buckets = (packed.T.reshape(-1) & mask).astype(np.intp)  # first choices, then second
-    rows = table[buckets]  # [2n, 3 * WAYS]: one contiguous row per bucket
-    same_low = rows[:, :WAYS] == np.concatenate([packed[:, 0], packed[:, 0]])[:, None]
+    same_low = lo[buckets] == lows[:, None]  # [2n, WAYS]
     way = same_low.argmax(axis=1)
-    r = np.arange(2 * n)
-    ok = same_low[r, way] & (rows[r, WAYS + way] == np.concatenate([packed[:, 1]] * 2))
-    found = np.where(ok, rows[r, 2 * WAYS + way].view(np.int64), EMPTY)
+    ok = same_low[np.arange(2 * n), way] & (hi[buckets, way] == np.concatenate([packed[:, 1]] * 2))
+    found = np.where(ok, values[buckets, way], EMPTY)
     return np.maximum(found[:n], found[n:])
 
 
-def _views(table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The low-half, high-half and value columns of a table, as views."""
-    return table[:, :WAYS], table[:, WAYS:2 * WAYS], table[:, 2 * WAYS:].view(np.int64)
-
-
-def _map_table(buf, buckets: int) -> np.ndarray:
-    return np.frombuffer(buf, dtype=np.uint64, count=buckets * 3 * WAYS, offset=HEADER_BYTES).reshape(buckets, 3 * WAYS)
+def _map_arrays(buf, buckets: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    size = buckets * WAYS * 8
+    lo = np.frombuffer(buf, dtype=np.uint64, count=buckets * WAYS, offset=HEADER_BYTES).reshape(buckets, WAYS)
+    hi = np.frombuffer(buf, dtype=np.uint64, count=buckets * WAYS, offset=HEADER_BYTES + size).reshape(buckets, WAYS)
+    values = np.frombuffer(buf, dtype=np.int64, count=buckets * WAYS,
+                           offset=HEADER_BYTES + 2 * size).reshape(buckets, WAYS)
+    return lo, hi, values
 
 
 class CuckooIndex:
@@ -85,9 +84,9 @@ class CuckooIndex:
     def _alloc(self, buckets: int) -> None:
         self._mask = np.uint64(buckets - 1)
         if self.shm_dir is None:
-            self._table = np.zeros((buckets, 3 * WAYS), dtype=np.uint64)
-            self._lo, self._hi, self._values = _views(self._table)
-            self._values.fill(EMPTY)
+            self._lo = np.zeros((buckets, WAYS), dtype=np.uint64)
+            self._hi = np.zeros((buckets, WAYS), dtype=np.uint64)
+            self._values = np.full((buckets, WAYS), EMPTY, dtype=np.int64)
             return
         old_path, old_mmap = self.path, self._mmap
         self._generation += 1
@@ -99,8 +98,7 @@ class CuckooIndex:
             self._mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
         finally:
             os.close(fd)
-        self._table = _map_table(self._mmap, buckets)
-        self._lo, self._hi, self._values = _views(self._table)
+        self._lo, self._hi, self._values = _map_arrays(self._mmap, buckets)
         self._values.fill(EMPTY)
         _HEADER.pack_into(self._mmap, 0, MAGIC, 0, buckets, self._generation, b"")
         self.path = path
@@ -129,7 +127,7 @@ class CuckooIndex:
 
     @property
     def nbytes(self) -> int:
-        return self._table.nbytes
+        return self._lo.nbytes + self._hi.nbytes + self._values.nbytes
 
     def __len__(self) -> int:
         return self.count
@@ -137,7 +135,7 @@ class CuckooIndex:
     # ---- batch lookup ---------------------------------------------------------------------------
     def lookup(self, packed: np.ndarray) -> np.ndarray:
         """Values for [n, 2] uint64 keys (low, high halves); EMPTY where absent."""
-        return lookup_table(self._table, packed)
+        return lookup_arrays(self._lo, self._hi, self._values, packed)
 
     # ---- single-key updates -----------------------------------------------------------------------
     def _buckets(self, low: int, high: int) -> tuple[int, int]:
@@ -265,14 +263,14 @@ class SharedIndexReader:
         magic, moved, buckets, _, _ = _HEADER.unpack_from(self._mmap, 0)
         if magic != MAGIC:
             raise ValueError(f"{path} is not a kvstore index")
-        self._table = _map_table(self._mmap, buckets)
+        self._lo, self._hi, self._values = _map_arrays(self._mmap, buckets)
         self.path = path
 
     def lookup(self, packed: np.ndarray) -> np.ndarray:
         for _ in range(8):  # follow growth: each step names its successor
             magic, moved, _, _, successor = _HEADER.unpack_from(self._mmap, 0)
             if not moved:
-                return lookup_table(self._table, packed)
+                return lookup_arrays(self._lo, self._hi, self._values, packed)
             if moved == CLOSED:
                 raise OSError("the index's writer has stopped")
             try:
