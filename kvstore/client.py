@@ -39,6 +39,7 @@ from .tiers.memory import pack_keys
 
 _KEY_AT, _CODEC_AT = 64, 6  # byte offsets of the key and the codec id in a chunk header (docs/chunk-format.md)
 _LEASE_MARGIN_S = 1.0  # stop touching a slot this long before the agent may reclaim it
+_MAX_CREDIT = 64  # slots a client keeps reserved for its next put
 
 
 def _lease_deadline(sent: float, ttl: float) -> float:
@@ -331,8 +332,8 @@ class LocalClient:
 
     def _credit_sizes(self, sizes: list[int]) -> list[int]:
         """Sizes of the credit to reserve for the next put: like this one, if the chunks have one size,
-        holding at most 1/16 of the arena."""
-        if not sizes or any(size != sizes[0] for size in sizes):
+        at most _MAX_CREDIT slots (bigger puts amortise their round trips) and 1/16 of the arena."""
+        if not sizes or any(size != sizes[0] for size in sizes) or len(sizes) > _MAX_CREDIT:
             return []
         return [sizes[0]] * min(len(sizes), max(1, self.conn.arena_bytes // 16 // sizes[0]))
 

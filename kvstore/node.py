@@ -471,14 +471,16 @@ class NodeStore:
         """Reclaim expired leases and reservations (a stuck client cannot hold space forever), and
         every few seconds of activity give freed heap back to the OS (glibc keeps request garbage)."""
         trim = _malloc_trim()
-        last_trim, served_then = time.monotonic(), 0
+        last_trim, served_at_trim, served_before = time.monotonic(), 0, 0
         while not self._stopping:
             time.sleep(0.5)
             now = time.monotonic()
             served = sum(self.counters.values.values())
-            if trim is not None and served != served_then and now - last_trim > 2.0:
+            quiet = served == served_before  # nothing served for the last half second
+            if trim is not None and served != served_at_trim and (quiet or now - last_trim > 2.0):
                 trim(0)
-                last_trim, served_then = now, served
+                last_trim, served_at_trim = now, served
+            served_before = served
             with self.lock:
                 for lid in [lid for lid, lease in self._leases.items() if lease.expiry < now]:
                     self.cpu.unpin(self._leases.pop(lid).eids)
