@@ -221,10 +221,8 @@ class LocalClient:
         return LookupResult(matched, matched * self.geometry.tokens, tiers)
 
     def _lookup_directory(self, keys: Sequence[bytes]) -> LookupResult:
-        values = self.conn.directory.lookup(pack_keys(keys))
-        bits = values & 0xFF
-        usable = (values >= 0) & (values >> 8 == self.ns_id) & (bits != 0)
-        misses = np.flatnonzero(~usable)
+        bits = self._directory_bits(keys)
+        misses = np.flatnonzero(bits == 0)
         matched = int(misses[0]) if misses.size else len(keys)
         best = bits[:matched]  # the fastest tier holding each chunk
         codes = np.where(best & DIR_BITS[TIER_GPU], TIER_GPU,
@@ -342,10 +340,14 @@ class LocalClient:
         if self.conn.directory is None:
             return [False] * len(keys)
         try:
-            values = self.conn.directory.lookup(pack_keys(keys))
+            return (self._directory_bits(keys) != 0).tolist()
         except (OSError, ValueError):
             return [False] * len(keys)
-        return ((values >= 0) & (values >> 8 == self.ns_id) & (values & 0xFF != 0)).tolist()
+
+    def _directory_bits(self, keys: Sequence[bytes]) -> np.ndarray:
+        """Tier bits of each key in the shared directory; 0 where absent or in another namespace."""
+        values = self.conn.directory.lookup(pack_keys(keys))
+        return np.where((values >= 0) & (values >> 8 == self.ns_id), values & 0xFF, 0)
 
     # ---- get -------------------------------------------------------------------------------------
     @contextmanager

@@ -25,7 +25,7 @@ ARENA_PREFIX = "kvstore-arena-"
 STALE_PREFIXES = (ARENA_PREFIX, "kvstore-directory-")  # shared files named <prefix><agent pid>-<random>
 
 
-def remove_stale_arenas(shm_dir: str) -> list[str]:
+def remove_stale_files(shm_dir: str) -> list[str]:
     """Unlink the agent's shared files (arena, directory) whose agent, the pid in the name, is gone
     (e.g. after a SIGKILL)."""
     removed = []
@@ -77,7 +77,7 @@ class ShmArena:
         if not directory.is_dir():
             raise ConfigError(f"cpu.shm_dir: {shm_dir} is not a directory")
         self.capacity = capacity
-        remove_stale_arenas(shm_dir)
+        remove_stale_files(shm_dir)
         self.path = str(directory / (name or f"{ARENA_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"))
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
