@@ -373,12 +373,21 @@ def _nearest_existing_dir(path: str) -> Path:
     return p
 
 
+def auto_disk_capacity(path: str, segment_bytes: int) -> int:
+    """The AUTO disk capacity: half of (the free space at `path`, or its nearest existing parent, plus
+    what the tier's segment files there already use, so the figure does not shrink as the tier fills
+    and restarts), within [256 MiB, 64 GiB] and never below one segment."""
+    directory = _nearest_existing_dir(path)
+    ours = sum(f.stat().st_size for f in Path(path).glob("seg-*.kvs")) if os.path.isdir(path) else 0
+    free = shutil.disk_usage(directory).free
+    return max(_clamp((free + ours) // 2, 256 * MiB, 64 * GiB), segment_bytes)
+
+
 def resolve_auto(cfg: KVStoreConfig) -> KVStoreConfig:
     """Replace AUTO sizes by numbers for this machine and expand ~ in disk.path.
 
     cpu.arena_bytes: 25% of available memory, within [64 MiB, 8 GiB] and never below one slab.
-    disk.capacity_bytes: 50% of the free space at disk.path (or its nearest existing parent),
-    within [256 MiB, 64 GiB] and never below one segment.
+    disk.capacity_bytes: auto_disk_capacity().
     """
     cpu, disk = cfg.cpu, cfg.disk
     path = os.path.expanduser(disk.path)
@@ -387,7 +396,6 @@ def resolve_auto(cfg: KVStoreConfig) -> KVStoreConfig:
         arena = max(_clamp(_memory_available() // 4, 64 * MiB, 8 * GiB), cpu.slab_bytes)
     capacity = disk.capacity_bytes
     if capacity == AUTO:
-        free = shutil.disk_usage(_nearest_existing_dir(path)).free
-        capacity = max(_clamp(free // 2, 256 * MiB, 64 * GiB), disk.segment_bytes)
+        capacity = auto_disk_capacity(path, disk.segment_bytes)
     return validate(replace(cfg, cpu=replace(cpu, arena_bytes=arena),
                             disk=replace(disk, path=path, capacity_bytes=capacity)))

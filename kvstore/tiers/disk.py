@@ -27,7 +27,6 @@ import logging
 import mmap
 import os
 import re
-import shutil
 import struct
 import threading
 import time
@@ -39,7 +38,7 @@ import numpy as np
 import xxhash
 
 from ..codec import FLAG_TOMBSTONE, HEADER_BYTES, ChunkHeader
-from ..config import AUTO, DiskConfig
+from ..config import AUTO, DiskConfig, auto_disk_capacity
 from ..errors import CapacityExhausted, ConfigError, CorruptChunk, InvalidArgument, NotFound
 from ..layout import Geometry
 
@@ -56,7 +55,6 @@ _SEGMENT_NAME = re.compile(r"seg-(\d{8,})\.kvs")
 _ZEROS = bytes(ALIGN)
 _IOV_MAX = os.sysconf("SC_IOV_MAX")
 _STAGING_BYTES = 8 << 20  # O_DIRECT write staging buffer
-_AUTO_MIN, _AUTO_MAX = 256 << 20, 64 << 30
 # A tombstone carries no payload; the header still needs a valid geometry.
 _TOMBSTONE_GEOMETRY = Geometry(layers=1, heads=1, head_dim=1, tokens=1, planes=1, dtype="uint8")
 _ANY = object()  # _publish: replace whatever the key maps to
@@ -600,9 +598,7 @@ class DiskTier:
     def _resolve_capacity(self) -> int:
         if self._cfg.capacity_bytes != AUTO:
             return self._cfg.capacity_bytes
-        # Half of the space we could have: free space plus what our segments already take.
-        ours = sum(s.size for s in self._segments.values())
-        return max(_AUTO_MIN, min(_AUTO_MAX, (shutil.disk_usage(self._dir).free + ours) // 2))
+        return auto_disk_capacity(str(self._dir), self._cfg.segment_bytes)
 
     def _report_evicted(self, keys: list[bytes]) -> None:
         # Called without our locks, so the callback may call back into the tier.
