@@ -15,6 +15,7 @@ through the shared-memory arena that the client maps: a put is one copy of each 
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -67,6 +68,24 @@ class PutResult:
     errors: tuple[tuple[int, str, str], ...] = ()  # (index, code, message) of rejected chunks
 
 
+@dataclass
+class PendingPut:
+    """Arena slots granted to one put (`LocalClient.begin_put`), filled by the caller, then committed."""
+
+    rid: int
+    keys: list[bytes]
+    offsets: list[int]  # slot offset of each key, or RESERVE_EXISTS / RESERVE_NO_SPACE
+    sizes: list[int]  # chunk sizes, header included
+    group: int  # quantisation group of the codec (0 for raw)
+    named: dict[int, bytes] | None  # credit slot -> key, when the slots came from a credit
+    deadline: float  # monotonic time after which the slots may no longer be touched
+    credit: dict | None = None  # the credit the slots came from (kept if nothing is written)
+
+    def slots(self) -> list[tuple[int, int]]:
+        """(index, offset) of each chunk that must be written."""
+        return [(i, offset) for i, offset in enumerate(self.offsets) if offset >= 0]
+
+
 class AgentConnection:
     """The socket to the node agent and the arena mapping; knows nothing of namespaces.
 
@@ -81,6 +100,7 @@ class AgentConnection:
         self.on_connect = on_connect  # called after every (re)connect, e.g. to register namespaces
         self._sock: socket.socket | None = None
         self._arena_path: str | None = None
+        self._lock = threading.RLock()  # one request/reply exchange at a time on the socket
         self.connect()
 
     def connect(self) -> None:
@@ -118,7 +138,11 @@ class AgentConnection:
         return self.call("hello", {"version": PROTOCOL_VERSION})["directory_path"]
 
     def call(self, op: str, args: dict, timeout: float | None = None):
-        """One round trip (or a one-way message for NO_REPLY ops)."""
+        """One round trip (or a one-way message for NO_REPLY ops). Thread-safe."""
+        with self._lock:
+            return self._call(op, args, timeout)
+
+    def _call(self, op: str, args: dict, timeout: float | None):
         if self._sock is None:
             self.connect()
         assert self._sock is not None
@@ -164,6 +188,7 @@ class LocalClient:
         self.geometry = geometry
         self.codec = codec_name
         self._credit: dict | None = None  # arena slots reserved by the last commit for the next put
+        self._credit_lock = threading.Lock()  # begin_put and commit_put may run on different threads
         self.conn = AgentConnection(socket_path, timeout, cfg, on_connect=self._register)
 
     def _register(self, conn: AgentConnection) -> None:
@@ -260,71 +285,99 @@ class LocalClient:
 
     def _put_batch(self, keys, chunks):
         if self.codec == "raw":
-            payloads = [None] * len(keys)
+            pending = self.begin_put(keys)
+            for i, slot in self.raw_slot_views(pending):
+                # gather the (possibly strided) chunk straight into its slot, in its own dtype's width
+                np.copyto(as_numpy(slot), as_numpy(chunks[i]), casting="no")
+            return self.commit_put(pending)
+        encoded = [codec.encode(chunk, self.codec) for chunk in chunks]
+        pending = self.begin_put(keys, [HEADER_BYTES + payload.numel() for payload, _ in encoded],
+                                 group=encoded[0][1] if encoded else 0)
+        arena = self.conn.arena_np
+        for i, offset in pending.slots():
+            payload = as_numpy(encoded[i][0])
+            arena[offset + HEADER_BYTES:offset + HEADER_BYTES + payload.size] = payload
+        return self.commit_put(pending)
+
+    def begin_put(self, keys: Sequence[bytes], sizes: list[int] | None = None, group: int = 0) -> "PendingPut":
+        """Arena slots for `keys` (chunk sizes `sizes`, header included; raw chunks by default), to be
+        filled by the caller and then published with `commit_put`. Keys the shared directory shows as
+        stored get no slot. Costs no round trip when the last commit left a credit that fits.
+        Safe to call from one thread while another commits."""
+        if len(keys) > self.max_batch:
+            raise InvalidArgument(f"a put takes at most {self.max_batch} chunks at once")
+        keys = list(keys)
+        if sizes is None:
             sizes = [HEADER_BYTES + self.geometry.nbytes] * len(keys)
-            group = 0
-        else:
-            encoded = [codec.encode(chunk, self.codec) for chunk in chunks]
-            payloads = [p for p, _ in encoded]
-            group = encoded[0][1] if encoded else 0
-            sizes = [HEADER_BYTES + p.numel() for p in payloads]
-        credit, self._credit = self._credit, None
+        with self._credit_lock:
+            credit, self._credit = self._credit, None
         if credit is not None and credit_fits(credit, sizes):
-            # One round trip: write into slots reserved by the previous commit, name the keys at commit.
+            # Write into slots reserved by an earlier commit and name the keys at commit.
             # Chunks the shared directory shows as stored are skipped (the agent re-checks at commit).
-            stored_now = self._stored(keys)
-            rid, deadline = credit["rid"], credit["deadline"]
             free = iter(enumerate(credit["offsets"]))
             offsets, named = [], {}
-            for key, skip in zip(keys, stored_now):
+            for key, skip in zip(keys, self._stored(keys)):
                 if skip:
                     offsets.append(RESERVE_EXISTS)
                     continue
                 slot, offset = next(free)
                 offsets.append(offset)
                 named[slot] = key
-            if not named:
-                self._credit = credit  # nothing to write: keep the credit for the next put
-                return 0, len(keys), 0, []
-        else:
-            if credit is not None:
-                self._call("abort", {"rid": credit["rid"]})
-            sent = time.monotonic()
-            reply = self._call("reserve", {"ns": self.namespace.digest, "keys": b"".join(keys), "sizes": sizes})
-            rid, offsets, named = reply["rid"], reply["offsets"], None
-            deadline = _lease_deadline(sent, reply["ttl"])
-        existing = sum(1 for o in offsets if o == RESERVE_EXISTS)
-        no_space = sum(1 for o in offsets if o == RESERVE_NO_SPACE)
-        if existing + no_space == len(keys):
+            return PendingPut(credit["rid"], keys, offsets, sizes, group, named, credit["deadline"], credit)
+        if credit is not None:
+            self._call("abort", {"rid": credit["rid"]})
+        sent = time.monotonic()
+        reply = self._call("reserve", {"ns": self.namespace.digest, "keys": b"".join(keys), "sizes": sizes})
+        return PendingPut(reply["rid"], keys, reply["offsets"], sizes, group, None,
+                          _lease_deadline(sent, reply["ttl"]))
+
+    def raw_slot_views(self, pending: "PendingPut") -> list[tuple[int, torch.Tensor]]:
+        """(index, chunk-shaped tensor view of the arena slot) of each raw chunk `pending` must write."""
+        shape, dtype = self.geometry.shape, self.geometry.torch_dtype
+        arena = self._arena
+        return [(i, arena[offset + HEADER_BYTES:offset + pending.sizes[i]].view(dtype).view(shape))
+                for i, offset in pending.slots()]
+
+    def commit_put(self, pending: "PendingPut") -> tuple[int, int, int, list]:
+        """Write the chunk headers and publish the filled slots of `pending`:
+        (stored, existing, no_space, errors)."""
+        existing = sum(1 for o in pending.offsets if o == RESERVE_EXISTS)
+        no_space = sum(1 for o in pending.offsets if o == RESERVE_NO_SPACE)
+        if pending.named is not None and not pending.named:
+            with self._credit_lock:  # nothing written: keep the credit for the next put
+                if self._credit is None:
+                    self._credit = pending.credit
+                    return 0, existing, no_space, []
+            self._call("abort", {"rid": pending.rid})
             return 0, existing, no_space, []
-        for i, offset in enumerate(offsets):
-            if offset < 0:
-                continue
-            if time.monotonic() > deadline:  # the agent may hand this slot to someone else now
-                self._call("abort", {"rid": rid})
-                raise LeaseExpired("reservation expired before the chunks were written")
-            payload_len = sizes[i] - HEADER_BYTES
-            header = ChunkHeader(codec=self.codec, geometry=self.geometry, payload_len=payload_len,
-                                 namespace=self.namespace.digest, key=keys[i], group=group)
-            arena = self.conn.arena_np
+        if existing + no_space == len(pending.keys):
+            return 0, existing, no_space, []
+        if time.monotonic() > pending.deadline:  # the agent may hand these slots to someone else now
+            self._call("abort", {"rid": pending.rid})
+            raise LeaseExpired("reservation expired before the chunks were written")
+        arena = self.conn.arena_np
+        for i, offset in pending.slots():
+            header = ChunkHeader(codec=self.codec, geometry=self.geometry,
+                                 payload_len=pending.sizes[i] - HEADER_BYTES, namespace=self.namespace.digest,
+                                 key=pending.keys[i], group=pending.group)
             arena[offset:offset + HEADER_BYTES] = np.frombuffer(header.pack(), dtype=np.uint8)
-            dst = arena[offset + HEADER_BYTES:offset + sizes[i]]
-            src = as_numpy(chunks[i] if payloads[i] is None else payloads[i])
-            # raw: gather the (possibly strided) chunk straight into its slot, in its own dtype's width
-            np.copyto(dst.view(src.dtype).reshape(src.shape), src, casting="no")
-        args = {"rid": rid, "renew": self._credit_sizes(sizes)}
-        if named is not None:
-            args["named"] = named
+        args = {"rid": pending.rid, "renew": self._credit_sizes(pending.sizes)}
+        if pending.named is not None:
+            args["named"] = pending.named
         sent = time.monotonic()
         result = self._call("commit", args)
         if result.get("next"):
             credit = result["next"]
             offsets_next = [o for o in credit["offsets"] if o >= 0]
             if len(offsets_next) == len(credit["offsets"]):
-                self._credit = {"rid": credit["rid"], "offsets": offsets_next, "size": sizes[0],
-                                "deadline": _lease_deadline(sent, credit["ttl"])}
+                fresh = {"rid": credit["rid"], "offsets": offsets_next, "size": pending.sizes[0],
+                         "deadline": _lease_deadline(sent, credit["ttl"])}
+                with self._credit_lock:
+                    fresh, self._credit = self._credit, fresh
             else:  # the arena could not spare them all: give the credit back
-                self._call("abort", {"rid": credit["rid"]})
+                fresh = {"rid": credit["rid"]}
+            if fresh is not None:
+                self._call("abort", {"rid": fresh["rid"]})
         return (result["stored"], existing + result.get("existing", 0), no_space,
                 [tuple(e) for e in result["errors"]])
 
