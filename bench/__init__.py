@@ -70,6 +70,8 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
         from .tiers import run
     elif name == "lookup":
         from .lookup import run
+    elif name == "e2e":
+        from .e2e import run
     else:
         raise ValueError(f"unknown benchmark {name}")
     return run(args)

