@@ -1,6 +1,7 @@
 """The `kvstore` command line.
 
     kvstore serve [--config FILE] [--set key=value ...]   run the node agent (embedded defaults need nothing)
+    kvstore serve --cluster [--ray-address ADDR]          run it as a Ray actor: embedded loopback Ray, or join ADDR
     kvstore stats [--output json]                          what the local agent holds
     kvstore config show [--config FILE] [--set ...]        the effective configuration
     kvstore bench tiers|lookup [--json] [...]              benchmarks (docs/benchmarks.md)
@@ -38,6 +39,12 @@ def cmd_serve(args) -> int:
     cfg = resolve_auto(_load(args))
     logging.basicConfig(level=cfg.agent.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.cluster or args.ray_address or cfg.cluster.enabled:
+        from .cluster import serve_cluster
+
+        serve_cluster(cfg, args.ray_address, ready=lambda info: print(
+            f"kvstore agent ready on {info['socket_path']} (Ray node {info['node'][:12]})", file=sys.stderr, flush=True))
+        return EXIT_OK
     run_agent(cfg, ready=lambda server: print(f"kvstore agent ready on {server.socket_path}",
                                               file=sys.stderr, flush=True))
     return EXIT_OK
@@ -70,7 +77,12 @@ def cmd_config(args) -> int:
 def cmd_bench(args) -> int:
     from bench import run_benchmark
 
-    result = run_benchmark(args.name, args)
+    if args.name == "cluster":
+        from bench.cluster import run
+
+        result = run(args)
+    else:
+        result = run_benchmark(args.name, args)
     if args.json:
         print(json.dumps(result))
     else:
@@ -94,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "arena from free memory, keeps an SSD tier under ~/.cache/kvstore and "
                                        "listens on a Unix socket in $XDG_RUNTIME_DIR (or /tmp).")
     _add_config_args(serve)
+    serve.add_argument("--cluster", action="store_true",
+                       help="run the agent as a Ray actor in a cluster (docs/cluster.md); without "
+                            "--ray-address, in an embedded single-node Ray on loopback")
+    serve.add_argument("--ray-address", metavar="ADDR", default=None,
+                       help="join the Ray cluster at ADDR (implies --cluster; else cluster.ray_address)")
     serve.set_defaults(func=cmd_serve)
 
     stats = sub.add_parser("stats", help="show what the local agent holds")
@@ -109,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.set_defaults(func=cmd_config)
 
     bench = sub.add_parser("bench", help="run a benchmark (docs/benchmarks.md)")
-    bench.add_argument("name", choices=["tiers", "lookup", "e2e"])
+    bench.add_argument("name", choices=["tiers", "lookup", "e2e", "cluster"])
     bench.add_argument("--json", action="store_true", help="print one JSON object on stdout (logs on stderr)")
     bench.add_argument("--geometry", default="layers=30,heads=3,head_dim=64,tokens=256,dtype=bf16",
                        help="chunk geometry for `tiers` (default: SmolLM2-135M, 256 tokens, bf16)")
@@ -117,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--trials", type=int, default=5, help="`tiers`: trials per figure (median reported)")
     bench.add_argument("--dir", default=None, help="directory for the disk tier (default: under ~/.cache)")
     bench.add_argument("--sizes", default="1000,1000000", help="`lookup`: index sizes to measure")
+    bench.add_argument("--nodes", type=int, default=3, help="`cluster`: Ray nodes (one agent each) on this machine")
     bench.add_argument("--workload", default="multi-round", choices=["multi-round", "long-doc", "no-reuse"],
                        help="`e2e`: the request pattern (docs/benchmarks.md)")
     bench.add_argument("--users", type=int, default=4, help="`e2e`: users (multi-round) or documents (long-doc)")

@@ -32,7 +32,7 @@ from .errors import AgentUnavailable, CorruptChunk, InvalidArgument, LeaseExpire
 from .keys import ChunkKey, Namespace, chunk_keys
 from .layout import Geometry
 from .node import (DIR_BITS, RESERVE_EXISTS, RESERVE_NO_SPACE, TIER_CPU, TIER_DISK, TIER_GPU, TIER_NAMES,
-                   _geometry_wire)
+                   TIER_REMOTE, _geometry_wire)
 from .protocol import NO_REPLY, PROTOCOL_VERSION, ConnectionClosed, FrameReader, pack, raise_for_reply
 from .tiers.cpu import map_arena
 from .tiers.index import SharedIndexReader
@@ -58,6 +58,19 @@ class LookupResult:
     def tiers(self) -> tuple[str, ...]:
         """Tier name of each matched chunk ('gpu', 'cpu', 'disk', 'remote')."""
         return tuple(TIER_NAMES[t] for t in self.tier_codes)
+
+    @property
+    def remote(self) -> bool:
+        """Some matched chunks are on other nodes: a get pulls them first (wait for it, or prefetch)."""
+        return TIER_REMOTE in self.tier_codes
+
+
+@dataclass(frozen=True)
+class ClusterLookupResult(LookupResult):
+    """A lookup across the cluster: the prefix held anywhere, and every node's own prefix."""
+
+    nodes: tuple[tuple[str, int, tuple[str, ...]], ...] = ()  # (node id, chunks from the first, tiers)
+    node: str = ""  # the node of the agent this client talks to
 
 
 @dataclass(frozen=True)
@@ -131,6 +144,7 @@ class AgentConnection:
         self.arena_bytes = hello["arena_bytes"]
         self.max_batch = hello["max_batch_chunks"]
         self.agent_pid = hello["pid"]
+        self.cluster = bool(hello.get("cluster"))  # the agent is a cluster member: misses may be remote hits
         if self.on_connect is not None:
             self.on_connect(self)
 
@@ -233,9 +247,14 @@ class LocalClient:
         keys = _as_keys(self, tokens_or_keys)
         if self.conn.directory is not None and keys:
             try:
-                return self._lookup_directory(keys)
+                local = self._lookup_directory(keys)
+                if local.chunks == len(keys) or not self.conn.cluster:
+                    return local
+                return self.cluster_lookup(keys)  # the rest of the prefix may be on other nodes
             except (OSError, ValueError):
                 self.conn.directory = None  # unusable now: fall back to asking the agent
+        if self.conn.cluster and keys:
+            return self.cluster_lookup(keys)
         matched, tiers = 0, b""
         for _, blob in self._key_batches(keys):
             reply = self._call("lookup", {"ns": self.namespace.digest, "keys": blob})
@@ -244,6 +263,31 @@ class LocalClient:
             if reply["matched"] * 16 < len(blob):
                 break
         return LookupResult(matched, matched * self.geometry.tokens, tiers)
+
+    def cluster_lookup(self, tokens_or_keys) -> ClusterLookupResult:
+        """The longest prefix held anywhere in the cluster (tier code remote for chunks only other
+        nodes hold) and, for every node holding a prefix, its length and tiers. One round trip to the
+        local agent, which asks the directory owners (with a deadline: an owner that does not answer
+        makes its chunks misses)."""
+        keys = _as_keys(self, tokens_or_keys)
+        if not self.conn.cluster:
+            local = self.lookup(keys)
+            return ClusterLookupResult(local.chunks, local.tokens, local.tier_codes,
+                                       (("local", local.chunks, local.tiers),) if local.chunks else ())
+        if len(keys) > self.max_batch:
+            raise InvalidArgument(f"a cluster lookup takes at most {self.max_batch} keys at once")
+        reply = self._call("lookup", {"ns": self.namespace.digest, "keys": b"".join(keys), "cluster": True})
+        nodes = tuple(sorted((node, n["chunks"], tuple(TIER_NAMES[t] for t in n["tiers"]))
+                             for node, n in reply["nodes"].items()))
+        return ClusterLookupResult(reply["matched"], reply["matched"] * self.geometry.tokens, reply["tiers"],
+                                   nodes, reply["self"])
+
+    def prefetch(self, keys: Sequence[bytes]) -> int:
+        """Ask a cluster agent to start pulling the chunks among `keys` that other nodes hold, so a later
+        get finds them local (or waits for the pull in progress). Returns how many are not local yet."""
+        if not self.conn.cluster or not keys:
+            return 0
+        return self._call("prefetch", {"ns": self.namespace.digest, "keys": b"".join(keys)})["missing"]
 
     def _lookup_directory(self, keys: Sequence[bytes]) -> LookupResult:
         bits = self._directory_bits(keys)
@@ -412,6 +456,7 @@ class LocalClient:
         sent = time.monotonic()
         reply = self._call("acquire", {"ns": self.namespace.digest, "keys": b"".join(keys), "prefix": prefix})
         self.last_miss_reasons = reply["reasons"]
+        self.last_remote_hits = reply.get("remote", [])  # indexes a cluster agent pulled from peers first
         arena = self.conn.arena_np
         try:
             slots = []

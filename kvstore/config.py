@@ -77,12 +77,25 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    enabled: bool = False  # run the agent as a Ray actor (kvstore serve --cluster / --ray-address)
+    ray_address: str = ""  # "": start an embedded single-node Ray on loopback; else join this cluster
+    namespace: str = "kvstore"  # Ray namespace the agents are named in
+    replication: int = 1  # copies of each committed chunk, on distinct nodes (1: only the writer's)
+    call_timeout_s: float = 2.0  # deadline of each control call between agents (directory, pings)
+    pull_timeout_s: float = 5.0  # deadline of a request's remote pulls (and of a replication batch)
+    heartbeat_s: float = 1.0  # how often an agent checks membership (a dead peer is noticed by then)
+    object_store_bytes: int = 256 << 20  # the embedded Ray's object store
+
+
+@dataclass(frozen=True)
 class KVStoreConfig:
     chunk_tokens: int = 256
     cpu: CpuConfig = field(default_factory=CpuConfig)
     disk: DiskConfig = field(default_factory=DiskConfig)
     gpu: GpuConfig = field(default_factory=GpuConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @property
     def socket_path(self) -> str:
@@ -301,7 +314,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 def validate(cfg: KVStoreConfig) -> KVStoreConfig:
     """Return `cfg` unchanged if every range rule holds; else raise ConfigError naming the key."""
-    cpu, disk, gpu, agent = cfg.cpu, cfg.disk, cfg.gpu, cfg.agent
+    cpu, disk, gpu, agent, cluster = cfg.cpu, cfg.disk, cfg.gpu, cfg.agent, cfg.cluster
     _check(cfg.chunk_tokens > 0 and cfg.chunk_tokens % 16 == 0, "chunk_tokens",
            f"{cfg.chunk_tokens} must be a positive multiple of 16")
     _check(cpu.slab_bytes >= MiB, "cpu.slab_bytes", f"{cpu.slab_bytes} is below 1 MiB")
@@ -325,6 +338,12 @@ def validate(cfg: KVStoreConfig) -> KVStoreConfig:
     _check(0 <= agent.busy_poll_us <= 100_000, "agent.busy_poll_us",
            f"{agent.busy_poll_us} is outside [0, 100000] microseconds")
     _check(agent.max_batch_chunks > 0, "agent.max_batch_chunks", f"{agent.max_batch_chunks} must be positive")
+    _check(bool(cluster.namespace), "cluster.namespace", "must not be empty")
+    _check(cluster.replication >= 1, "cluster.replication", f"{cluster.replication} must be at least 1")
+    for key in ("call_timeout_s", "pull_timeout_s", "heartbeat_s"):
+        _check(getattr(cluster, key) > 0, f"cluster.{key}", f"{getattr(cluster, key)} must be positive")
+    _check(cluster.object_store_bytes >= 64 * MiB, "cluster.object_store_bytes",
+           f"{cluster.object_store_bytes} is below 64 MiB")
     for key, allowed in _ENUMS.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)

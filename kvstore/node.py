@@ -90,6 +90,11 @@ class NodeStore:
     def __init__(self, cfg: KVStoreConfig):
         self.cfg = cfg = resolve_auto(cfg)
         self.counters = _Counters()
+        # Hooks for the cluster layer (kvstore/cluster): called with the keys whose tier bits changed
+        # and their new bits (0: gone), under the store's lock, so they must only queue work; and with
+        # (conn, namespace digest, keys) after a commit stored new chunks.
+        self.on_holdings_change: Callable[[list[bytes], list[int]], None] | None = None
+        self.on_commit: Callable[[int, bytes, list[bytes]], None] | None = None
         self.cpu = CpuTier(cfg.cpu, cfg.cpu.arena_bytes, on_evict=self._cpu_evicted)
         self.lock = self.cpu.lock  # one lock for the store's metadata and the arena index
         # The node directory: which tiers hold each chunk, in shared memory, so clients look up
@@ -163,15 +168,20 @@ class NodeStore:
     def _publish(self, keys, tier: int, ns_id: int) -> None:
         """Record that `tier` holds `keys` (caller holds the lock)."""
         bit = DIR_BITS[tier]
+        changed = []
         for key in keys:
             low, high = _KEY_HALVES.unpack(key)
             current = self.directory.get(low, high)
-            bits = current & 0xFF if current >= 0 else 0
-            self.directory.set(low, high, ns_id << 8 | bits | bit)
+            bits = (current & 0xFF if current >= 0 else 0) | bit
+            self.directory.set(low, high, ns_id << 8 | bits)
+            changed.append(bits)
+        if self.on_holdings_change is not None and changed:
+            self.on_holdings_change(list(keys), changed)
 
     def _unpublish(self, keys, tier: int) -> None:
         """Record that `tier` no longer holds `keys` (caller holds the lock)."""
         bit = DIR_BITS[tier]
+        gone, left = [], []
         for key in keys:
             low, high = _KEY_HALVES.unpack(key)
             current = self.directory.get(low, high)
@@ -181,6 +191,10 @@ class NodeStore:
                 self.directory.set(low, high, current & ~bit)
             else:
                 self.directory.remove(low, high)
+            gone.append(key)
+            left.append(current & 0xFF & ~bit)
+        if self.on_holdings_change is not None and gone:
+            self.on_holdings_change(gone, left)
 
     def _cpu_removed(self, keys: list[bytes]) -> None:
         """After cpu.remove(keys): unpublish the ones that really left the arena (caller holds the lock)."""
@@ -291,6 +305,7 @@ class NodeStore:
         `renew`: sizes of a new credit to reserve in the same round trip."""
         errors: list[list] = []
         stored = existing = 0
+        stored_keys: list[bytes] = []
         with self.lock:
             reservation = self._reservations.pop(rid, None)
             if reservation is None or reservation.conn != conn:
@@ -323,9 +338,12 @@ class NodeStore:
                 if self.cpu.insert(key, offset, nbytes, info.ns_id):
                     self._publish([key], TIER_CPU, info.ns_id)
                     stored += 1
+                    stored_keys.append(key)
                     if admit:
                         self._enqueue(int(self.cpu.find([key])[0]), key)
             self.counters.add("chunks_stored", stored)
+        if self.on_commit is not None and stored_keys:
+            self.on_commit(conn, info.digest, stored_keys)
         result = {"stored": stored, "existing": existing, "errors": errors}
         if renew:
             credit = self.reserve(conn, info.digest, None, renew)
@@ -658,6 +676,20 @@ class NodeStore:
         return {"flushed": True, "queued": 0}
 
     # ---- inspection ------------------------------------------------------------------------------
+    def holdings(self) -> tuple[list[bytes], np.ndarray]:
+        """Every key this node holds in a registered namespace, with its tier bits (as in the node
+        directory): what a cluster directory is rebuilt from."""
+        with self.lock:
+            keys = self.cpu.keys_in_namespaces(list(range(1, len(self._ns_by_id))))
+        if self.disk is not None:
+            keys = list(dict.fromkeys(keys + [key for key, _, _ in self.disk.entries()]))
+        if not keys:
+            return [], np.zeros(0, dtype=np.int64)
+        with self.lock:
+            values = self.directory.lookup(pack_keys(keys))
+        held = values >= 0
+        return [key for key, h in zip(keys, held.tolist()) if h], values[held] & 0xFF
+
     def stats(self) -> dict:
         with self.lock:
             result = {

@@ -1,0 +1,252 @@
+"""The distributed cache on a real 3-node Ray cluster (one session-scoped cluster, loopback only).
+
+Agents run with replication 2 (tests/cluster/conftest.py). Tests that kill an agent restart it first
+thing in the tests that need every node (`all_alive`)."""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from kvstore.codec import HEADER_BYTES
+from kvstore.errors import AgentUnavailable
+
+from ..conftest import small_chunks, tokens
+
+
+@pytest.fixture
+def cluster(ray_cluster):
+    """The session cluster with every agent alive and every agent seeing all three."""
+    for agent in ray_cluster.agents.values():
+        if agent.handle is None:
+            agent.start()
+    ray_cluster.wait_members(3)
+    return ray_cluster
+
+
+def _prefix_tokens(n_chunks: int, base: int) -> np.ndarray:
+    return tokens(n_chunks, start=base * 1_000_000)
+
+
+def _holder_prefixes(cluster, keys) -> dict[str, int]:
+    """Ground truth, node by node: how many chunks from the first each agent holds (its own store)."""
+    out = {}
+    for agent in cluster.agents.values():
+        client = agent.client()
+        held = client.contains(keys)
+        run = held.index(False) if False in held else len(held)
+        if run:
+            out[agent.node_id] = run
+        client.close()
+    return out
+
+
+def test_a_stores_and_c_gets_identical_bytes(cluster):
+    a, c = cluster["a"].client(), cluster["c"].client()
+    keys = a.keys(_prefix_tokens(8, base=1))
+    data = small_chunks(8, seed=11)
+    assert a.put(keys, data).stored == 8
+    assert a.flush(timeout=30)  # on disk, replicated, and in the cluster directory
+    before = c.lookup(keys)
+    assert before.chunks == 8
+    local_on_c = c.contains(keys)
+    assert [t == "remote" for t in before.tiers] == [not held for held in local_on_c]
+    assert not all(local_on_c)  # with r=2 over 3 nodes, C cannot hold every chunk of A's
+    got = c.get(keys)
+    assert torch.equal(got, data)  # identical bytes
+    assert c.last_remote_hits == [i for i, held in enumerate(local_on_c) if not held]
+    assert c.lookup(keys).tiers == ("cpu",) * 8  # pulled into C's arena: local now
+    assert c.stats()["cluster"]["counters"]["remote_pulled_chunks"] >= 8 - sum(local_on_c)
+
+
+def test_cluster_lookup_reports_every_holder(cluster):
+    b = cluster["b"].client()
+    keys = b.keys(_prefix_tokens(12, base=2))
+    b.put(keys, small_chunks(12, seed=12))
+    assert b.flush(timeout=30)
+    expected = _holder_prefixes(cluster, keys)
+    assert expected[cluster["b"].node_id] == 12
+    assert sum(1 for n in expected.values() if n) >= 2  # the replica holder(s) too
+    for viewer in ("a", "b", "c"):
+        result = cluster[viewer].client().cluster_lookup(keys)
+        assert result.chunks == 12
+        assert result.node == cluster[viewer].node_id
+        reported = {node: chunks for node, chunks, _ in result.nodes}
+        assert reported == expected, viewer
+        tiers = {node: t for node, _, t in result.nodes}
+        assert tiers[cluster["b"].node_id] == ("cpu",) * 12
+    # A longer prompt than anyone holds: the prefix ends where the cluster's copies end.
+    longer = b.keys(_prefix_tokens(14, base=2))
+    assert cluster["c"].client().cluster_lookup(longer).chunks == 12
+
+
+def test_prefetch_then_get_reads_remote_chunks(cluster):
+    a, c = cluster["a"].client(), cluster["c"].client()
+    keys = a.keys(_prefix_tokens(6, base=3))
+    data = small_chunks(6, seed=13)
+    a.put(keys, data)
+    assert a.flush(timeout=30)
+    missing = sum(1 for held in c.contains(keys) if not held)
+    assert c.prefetch(keys) == missing
+    assert torch.equal(c.get(keys), data)  # waits for the prefetch in progress, or it is done
+
+
+def test_remote_chunk_failing_its_checksum_is_a_miss_never_data(cluster):
+    a = cluster["a"].client()
+    keys = a.keys(_prefix_tokens(1, base=4))
+    data = small_chunks(1, seed=14)
+    a.put(keys, data)
+    assert a.flush(timeout=30)
+    holders = _holder_prefixes(cluster, keys)
+    replica = next(x for x in cluster.agents.values() if x.node_id in holders and x.name != "a")
+    reader = next(x for x in cluster.agents.values() if x.node_id not in holders)
+    # The replica's header carries the payload checksum it arrived with; flip a payload byte there,
+    # and remove A's own copy, so the corrupt replica is the only one left.
+    victim = replica.client()
+    with victim._pinned_slots(keys, prefix=True) as slots:
+        (_, offset, _), = slots
+        victim.conn.arena_np[offset + HEADER_BYTES + 100] ^= 0xFF
+    a.evict(keys, tiers=("cpu", "disk"))
+    assert a.flush(timeout=30)
+    client = reader.client()
+    got = client.get(keys)
+    assert got.shape[0] == 0
+    assert client.last_miss_reasons == {0: "remote_checksum"}
+    assert client.stats()["cluster"]["counters"]["miss_remote_checksum"] >= 1
+    assert client.lookup(keys).tiers == ("remote",)  # the directory still names the holder: advice only
+
+
+def test_a_stale_directory_entry_is_a_miss_with_its_reason(cluster):
+    """The directory says A holds a chunk A never had (as after an eviction whose update was lost)."""
+    import ray
+
+    from kvstore.cluster.placement import owners
+    from kvstore.node import DIR_BITS, TIER_CPU
+
+    c = cluster["c"].client()
+    keys = c.keys(_prefix_tokens(1, base=7))
+    members = sorted(agent.node_id for agent in cluster.agents.values())
+    owner = next(a for a in cluster.agents.values() if a.node_id == members[int(owners(keys[0], members)[0])])
+    ray.get(owner.handle.apply_updates.remote(cluster["a"].node_id, keys[0], bytes([DIR_BITS[TIER_CPU]])), timeout=30)
+    assert c.lookup(keys).tiers == ("remote",)  # advice: the directory believes A
+    got = c.get(keys)
+    assert got.shape[0] == 0  # never data
+    assert c.last_miss_reasons == {0: "remote_evicted"}
+    assert c.stats()["cluster"]["counters"]["miss_remote_evicted"] >= 1
+
+
+def test_with_r2_killing_b_mid_workload_loses_no_chunk_and_never_hangs(cluster):
+    b, c = cluster["b"].client(), cluster["c"].client()
+    prompts = 24
+    keys = [b.keys(_prefix_tokens(4, base=100 + p)) for p in range(prompts)]
+    data = [small_chunks(4, seed=200 + p) for p in range(prompts)]
+    for p in range(prompts):
+        assert b.put(keys[p], data[p]).stored == 4
+    assert b.flush(timeout=60)  # every chunk has its second copy on A or C
+    b.close()
+    progress = threading.Semaphore(0)
+    outcomes: list[tuple[int, int]] = []  # (prompt, chunks got)
+    failures: list[BaseException] = []
+
+    def workload() -> None:
+        for p in range(prompts):
+            try:
+                got = c.get(keys[p])
+                assert torch.equal(got, data[p][: got.shape[0]]), f"wrong bytes for prompt {p}"
+                lookup = c.lookup(keys[p])
+                assert lookup.chunks <= 4
+                outcomes.append((p, got.shape[0]))
+            except BaseException as exc:  # AgentUnavailable here = a call that did not return in time
+                failures.append(exc)
+            progress.release()
+
+    reader = threading.Thread(target=workload)
+    reader.start()
+    for _ in range(6):
+        progress.acquire()
+    cluster["b"].kill()  # mid-workload
+    reader.join(timeout=300)
+    assert not reader.is_alive()
+    assert not failures, failures
+    assert len(outcomes) == prompts
+    cluster.wait_members(2)
+    # No chunk lost: once the survivors have rebuilt the directory, every prompt is whole from C.
+    for p in range(prompts):
+        deadline = time.monotonic() + 30
+        while c.lookup(keys[p]).chunks < 4 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        got = c.get(keys[p])
+        assert torch.equal(got, data[p]), f"prompt {p}: {got.shape[0]} of 4 chunks, {c.last_miss_reasons}"
+    assert c.stats()["cluster"]["counters"]["peers_departed"] >= 1
+
+
+def test_a_restarted_agent_is_found_again_with_its_ssd_contents(cluster):
+    b = cluster["b"].client()
+    keys = b.keys(_prefix_tokens(5, base=5))
+    data = small_chunks(5, seed=15)
+    b.put(keys, data)
+    assert b.flush(timeout=30)  # on B's SSD
+    b.close()
+    cluster["b"].kill()
+    cluster.wait_members(2)
+    c = cluster["c"].client()
+    assert cluster["b"].node_id not in {n for n, _, _ in c.cluster_lookup(keys).nodes}
+    cluster["b"].start()  # same node, same disk directory
+    cluster.wait_members(3)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the survivors hear of it within a heartbeat or two
+        holders = {node: tiers for node, _, tiers in c.cluster_lookup(keys).nodes}
+        if len(holders.get(cluster["b"].node_id, ())) == 5:
+            break
+        time.sleep(0.2)
+    assert holders.get(cluster["b"].node_id) == ("disk",) * 5  # re-registered from its SSD tier
+    fresh = cluster["b"].client()
+    assert torch.equal(fresh.get(keys), data)
+
+
+def test_dead_directory_owner_or_peer_is_a_miss_within_the_deadline(cluster):
+    a, c = cluster["a"].client(), cluster["c"].client()
+    keys = a.keys(_prefix_tokens(10, base=6))
+    data = small_chunks(10, seed=16)
+    a.put(keys, data)
+    assert a.flush(timeout=30)
+    cluster["a"].kill()  # the writer and some directory owners are gone at once
+    got = c.get(keys)  # whatever it returns, it returns (the client's own timeout would raise)
+    assert torch.equal(got, data[: got.shape[0]])
+    result = c.cluster_lookup(keys)
+    assert result.chunks <= 10
+    with pytest.raises(AgentUnavailable):
+        a.lookup(keys[:1]) if not a.conn.directory else a.get(keys[:1])
+
+
+def _is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)  # '::ffff:127.0.0.1': IPv4 loopback on a dual socket
+    return (mapped or address).is_loopback
+
+
+def test_loopback_check_rejects_other_addresses():
+    assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("::ffff:127.0.0.1")
+    assert not _is_loopback("0.0.0.0") and not _is_loopback("::") and not _is_loopback("10.1.2.3")
+
+
+def test_ray_listens_only_on_loopback(cluster):
+    import os
+
+    me = psutil.Process(os.getpid())
+    listening = []
+    for proc in me.children(recursive=True):
+        try:
+            conns = proc.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        listening += [(proc.name(), c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN]
+    assert len(listening) >= 3, listening  # GCS, raylets, object managers, workers: there are some
+    outside = [entry for entry in listening if not _is_loopback(entry[1])]
+    assert not outside, outside
