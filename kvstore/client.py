@@ -41,6 +41,7 @@ from .tiers.memory import pack_keys
 _KEY_AT, _CODEC_AT = 64, 6  # byte offsets of the key and the codec id in a chunk header (docs/chunk-format.md)
 _LEASE_MARGIN_S = 1.0  # stop touching a slot this long before the agent may reclaim it
 _MAX_CREDIT = 64  # slots a client keeps reserved for its next put
+_ALIVE_CHECK_S = 1.0  # how long a lookup trusts the shared directory without hearing from the agent
 
 
 def _lease_deadline(sent: float, ttl: float) -> float:
@@ -145,8 +146,18 @@ class AgentConnection:
         self.max_batch = hello["max_batch_chunks"]
         self.agent_pid = hello["pid"]
         self.cluster = bool(hello.get("cluster"))  # the agent is a cluster member: misses may be remote hits
+        self._alive_at = time.monotonic()
         if self.on_connect is not None:
             self.on_connect(self)
+
+    def ensure_alive(self, every_s: float = _ALIVE_CHECK_S) -> None:
+        """At most once every `every_s`, one round trip to the agent. The shared directory's mapping
+        outlives an agent that was killed, so lookups answered from it alone would trust a dead
+        agent's index forever; this makes them notice (AgentUnavailable) within a second."""
+        now = time.monotonic()
+        if now - self._alive_at >= every_s:
+            self.call("hello", {"version": PROTOCOL_VERSION})
+            self._alive_at = now
 
     def _directory_path(self) -> str:
         return self.call("hello", {"version": PROTOCOL_VERSION})["directory_path"]
@@ -242,10 +253,12 @@ class LocalClient:
     def lookup(self, tokens_or_keys) -> LookupResult:
         """Longest run of stored chunks from the start: token ids, or keys from `keys()`.
 
-        Answered from the agent's shared directory when it is mapped (no round trip), else by the agent.
+        Answered from the agent's shared directory when it is mapped (no round trip; one a second checks
+        that the agent is alive), else by the agent.
         It is advice: chunks can be evicted before they are read, and every read is verified."""
         keys = _as_keys(self, tokens_or_keys)
         if self.conn.directory is not None and keys:
+            self.conn.ensure_alive()
             try:
                 local = self._lookup_directory(keys)
                 if local.chunks == len(keys) or not self.conn.cluster:

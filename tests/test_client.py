@@ -11,7 +11,10 @@ from kvstore.errors import AgentUnavailable, ChunkTooLarge, GeometryMismatch, In
 from kvstore.keys import Namespace
 from kvstore.layout import Geometry
 
-from .conftest import SMALL, SMALL_NS, small_chunks, tokens
+from kvstore.client import LocalClient
+
+from .conftest import (SMALL, SMALL_NS, agent_settings, small_chunks, spawn_agent, stop_agent, tokens,
+                       write_config)
 
 
 def test_put_get_round_trip_is_byte_identical(agent):
@@ -197,3 +200,22 @@ def test_credit_put_first_writer_wins_and_credit_is_freed_on_disconnect(agent):
     assert observer.stats()["reservations"] == 0
     used = observer.stats()["tiers"]["cpu"]["used_bytes"]
     assert used == warm + stored  # no credit slot left behind
+
+
+def test_lookup_notices_a_killed_agent_although_its_directory_stays_mapped(tmp_path):
+    config = write_config(tmp_path, agent_settings(tmp_path))
+    socket_path = str(tmp_path / "agent.sock")
+    agent = spawn_agent(config, socket_path)
+    try:
+        client = LocalClient(SMALL_NS, SMALL, socket_path=socket_path, timeout=5)
+        keys = client.keys(tokens(2))
+        client.put(keys, small_chunks(2))
+        assert client.lookup(keys).chunks == 2
+        agent.kill()
+        agent.wait()
+        assert client.lookup(keys).chunks == 2  # within a second the mapped directory still answers
+        time.sleep(1.1)
+        with pytest.raises(AgentUnavailable):
+            client.lookup(keys)
+    finally:
+        stop_agent(agent)

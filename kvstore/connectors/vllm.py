@@ -27,7 +27,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger("kvstore.vllm")
+T = TypeVar("T")
 
 _RECONNECT_S = 5.0  # how often a connector without an agent tries again
 _CALL_TIMEOUT_S = 5.0  # deadline of every agent call from inside the engine
@@ -183,15 +184,30 @@ class _AgentLink:
         return self._client
 
     def failed(self, exc: Exception) -> None:
-        """Drop the client after an agent failure; the caller treats the operation as a miss."""
+        """Drop the client after an agent failure; the caller treats the operation as a miss. A connection
+        that broke may be retried at once (the agent may have restarted); a failed connect waits."""
         self.failures += 1
         if not self._warned:
             log.warning("kvstore %s: node agent unavailable, serving without reuse (%s)", self.role, exc)
             self._warned = True
-        if self._client is not None:
+        was_connected = self._client is not None
+        if was_connected:
             self._client.close()
         self._client = None
-        self._next_try = time.monotonic() + _RECONNECT_S
+        self._next_try = time.monotonic() + (0.0 if was_connected else _RECONNECT_S)
+
+    def run(self, operation: Callable[[LocalClient], T]) -> T:
+        """`operation(client)`, reconnecting and trying once more if the agent's connection broke, so an
+        agent restart costs no request. Raises AgentUnavailable when no agent answers."""
+        for _ in range(2):
+            client = self.get()
+            if client is None:
+                break
+            try:
+                return operation(client)
+            except AgentUnavailable as exc:
+                self.failed(exc)
+        raise AgentUnavailable(f"no node agent for the {self.role} (next try in at most {_RECONNECT_S:.0f} s)")
 
 
 # ---- metadata from the scheduler to the workers ----------------------------------------------------
@@ -319,19 +335,15 @@ class _SchedulerSide:
 
     def matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
         tracked = self.requests.setdefault(request.request_id, _Tracked(request))
-        client = self.agent.get()
-        if client is None:
-            return 0, False
         chunk = self.settings.namespace.chunk_tokens
         # The last prompt token is always computed (its logits give the first output token); the
         # scheduler expects block-aligned counts.
         limit = (request.num_tokens - 1) // self.settings.block_size * self.settings.block_size
         keys = self.keys(request)[: -(-limit // chunk)]
         try:
-            hit = client.lookup(keys) if keys else None
-        except KVStoreError as exc:
-            self.agent.failed(exc)
-            return 0, False
+            hit = self.agent.run(lambda client: client.lookup(keys)) if keys else None
+        except KVStoreError:
+            return 0, False  # no agent (warned once): computed normally
         self.lookups += 1
         stored = hit.chunks if hit else 0
         tracked.stored_chunks = max(tracked.stored_chunks, stored)
@@ -451,10 +463,10 @@ class _WorkerSide:
         could not be loaded (vLLM recomputes them): from the first chunk missing on."""
         chunk = self.settings.namespace.chunk_tokens
         loaded_until = spec.token_start
-        client = agent.get()
-        try:
-            if client is None:
-                raise AgentUnavailable("no node agent")
+
+        def load(client: LocalClient) -> None:
+            nonlocal loaded_until
+            loaded_until = spec.token_start  # a retry on a new connection starts over
             step = client.max_batch
             for start in range(0, len(spec.keys), step):
                 batch_until = loaded_until
@@ -468,10 +480,11 @@ class _WorkerSide:
                         batch_until = hi
                 loaded_until = batch_until  # only once the lease held to the end of the reads
                 if loaded_until < min(spec.token_end, (spec.first_chunk + start + step) * chunk):
-                    break  # a chunk is missing: it and everything after it are recomputed
+                    return  # a chunk is missing: it and everything after it are recomputed
+
+        try:
+            agent.run(load)
         except KVStoreError as exc:
-            if isinstance(exc, AgentUnavailable):
-                agent.failed(exc)
             log.warning("kvstore: load for request %s failed after %d tokens (%s); the rest is recomputed",
                         spec.req_id, loaded_until - spec.token_start, exc)
         self.loaded_tokens += loaded_until - spec.token_start

