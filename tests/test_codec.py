@@ -11,7 +11,7 @@ from kvstore.codec import (
     FLAG_CHECKSUM, HEADER_BYTES, ChunkHeader, decode, default_group, encode, payload_nbytes,
 )
 from kvstore.errors import CorruptChunk, InvalidArgument, UnknownCodec
-from kvstore.layout import SMOLLM2_135M, Geometry
+from kvstore.layout import SMOLLM2_135M, Geometry, default_chunk_tokens
 
 CODECS = ("raw", "lz4", "int8", "int4")
 LEVELS = {"int8": 255, "int4": 15}
@@ -397,3 +397,13 @@ def test_decode_rejects_bad_out_and_payload_types():
         decode(header, payload.view(torch.int8))
     with pytest.raises(InvalidArgument, match="bytes-like"):
         decode(header, 12345)
+
+
+@pytest.mark.parametrize("block_size, chunk", [(16, 128), (128, 128), (48, 144), (256, 256)])
+def test_default_chunk_is_the_smallest_multiple_of_the_block_of_at_least_128_tokens(block_size, chunk):
+    assert default_chunk_tokens(block_size) == chunk
+
+
+def test_default_chunk_rejects_a_non_positive_block():
+    with pytest.raises(InvalidArgument):
+        default_chunk_tokens(0)

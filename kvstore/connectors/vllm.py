@@ -37,7 +37,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from ..client import LocalClient
 from ..errors import AgentUnavailable, InvalidArgument, KVStoreError
 from ..keys import Namespace, chunk_keys, fold_block_hashes
-from ..layout import Geometry, dtype_name, torch_dtype
+from ..layout import Geometry, default_chunk_tokens, dtype_name, torch_dtype
 from ..transfer import PagedLayout, gather, scatter
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ def settings_from_vllm(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfi
         raise InvalidArgument(f"KVStoreConnector supports models with one KV cache group (full attention); "
                               f"this model has {len(groups)}")
     block_size = cache_config.block_size
-    chunk_tokens = int(extra.get("chunk_tokens", 256))
+    chunk_tokens = int(extra.get("chunk_tokens") or default_chunk_tokens(block_size))
     if chunk_tokens <= 0 or chunk_tokens % block_size:
         raise InvalidArgument(f"chunk_tokens ({chunk_tokens}) must be a positive multiple of the engine's "
                               f"block_size ({block_size})")
