@@ -187,6 +187,7 @@ def _plot(path: Path, rows: list[dict], workload: str) -> None:
         xs = sorted(per_round)
         ax.plot([x + 1 for x in xs], [statistics.fmean(per_round[x]) for x in xs], style,
                 label="vLLM" if engine == "baseline" else "vLLM + kvstore")
+    ax.set_xticks(range(1, 1 + max(r["round"] for r in rows) + 1))
     ax.set_xlabel("round")
     ax.set_ylabel("mean TTFT (s)")
     ax.set_title(f"kvstore bench e2e — {workload}")
