@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
                                                                KVConnectorRole)
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from ..client import LocalClient
@@ -242,6 +243,32 @@ class KVStoreConnectorMetadata(KVConnectorMetadata):
 
 
 @dataclass
+class KVStoreConnectorStats(KVConnectorStats):
+    """What the workers did since the last report, summed over workers: vLLM's stats logger prints it and
+    its `kv_connector_stats` carry it. `agent_unavailable` counts failed calls to the node agent."""
+
+    FIELDS = ("loaded_tokens", "load_failed_blocks", "saved_chunks", "agent_unavailable")
+
+    def __post_init__(self) -> None:
+        for name in self.FIELDS:
+            self.data.setdefault(name, 0)
+
+    def reset(self) -> None:
+        self.data = {name: 0 for name in self.FIELDS}
+
+    def aggregate(self, other: KVConnectorStats) -> "KVStoreConnectorStats":
+        for name in self.FIELDS:
+            self.data[name] += other.data.get(name, 0)
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return dict(self.data)
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+@dataclass
 class _Tracked:
     """Scheduler-side state of one live request."""
 
@@ -310,6 +337,13 @@ class KVStoreConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors()
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        return self._worker.take_stats() if self._worker is not None else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return KVStoreConnectorStats(data=dict(data or {}))
 
     def shutdown(self):
         if self._worker is not None:
@@ -424,7 +458,9 @@ class _WorkerSide:
         self._async_loads: queue.Queue = queue.Queue()
         self._commits: queue.Queue = queue.Queue(maxsize=64)  # bounded: back-pressure, not unbounded memory
         self._threads: list[threading.Thread] = []
-        self.loaded_tokens = self.saved_chunks = 0
+        self._stats = KVStoreConnectorStats()
+        self._links = [self.agent]  # every link to the agent, for the agent_unavailable count
+        self._failures_reported = 0
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         s = self.settings
@@ -487,11 +523,13 @@ class _WorkerSide:
         except KVStoreError as exc:
             log.warning("kvstore: load for request %s failed after %d tokens (%s); the rest is recomputed",
                         spec.req_id, loaded_until - spec.token_start, exc)
-        self.loaded_tokens += loaded_until - spec.token_start
-        if loaded_until >= spec.token_end:
-            return []
         block = self.settings.block_size
-        return spec.block_ids[loaded_until // block: -(-spec.token_end // block)]
+        failed = [] if loaded_until >= spec.token_end else \
+            spec.block_ids[loaded_until // block: -(-spec.token_end // block)]
+        with self._lock:
+            self._stats.data["loaded_tokens"] += loaded_until - spec.token_start
+            self._stats.data["load_failed_blocks"] += len(failed)
+        return failed
 
     def _chunk_tensor(self, header, payload: torch.Tensor) -> torch.Tensor:
         geometry = self.settings.geometry
@@ -503,6 +541,7 @@ class _WorkerSide:
 
     def _async_load_loop(self) -> None:
         agent = _AgentLink(self.settings, "async loader")  # its own connection: never waits on the step's
+        self._links.append(agent)
         while True:
             spec = self._async_loads.get()
             if spec is None:
@@ -519,6 +558,15 @@ class _WorkerSide:
             for _, failed in done:
                 self._load_errors.update(failed)
         return {req_id for req_id, _ in done}
+
+    def take_stats(self) -> KVStoreConnectorStats | None:
+        """The counts since the last call (None when nothing happened)."""
+        failures = sum(link.failures for link in self._links)
+        with self._lock:
+            stats, self._stats = self._stats, KVStoreConnectorStats()
+        stats.data["agent_unavailable"] = failures - self._failures_reported
+        self._failures_reported = failures
+        return None if stats.is_empty() else stats
 
     def take_load_errors(self) -> set[int]:
         with self._lock:
@@ -569,7 +617,8 @@ class _WorkerSide:
                     stored = result.stored
                 else:
                     stored = client.commit_put(work)[0]
-                self.saved_chunks += stored
+                with self._lock:
+                    self._stats.data["saved_chunks"] += stored
             except KVStoreError as exc:  # a lost save is only a future miss
                 log.warning("kvstore: save failed (%s)", exc)
 
