@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 # pip from pulling the CUDA build for the `torch` requirement.
 TORCH   := torch==2.13.0
 
-.PHONY: venv run test bench clean
+.PHONY: venv run test bench proto clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,10 @@ test: venv
 bench: venv
 	$(VENV)/bin/kvstore bench tiers --json
 	$(VENV)/bin/kvstore bench lookup --json
+
+proto: venv
+	$(VPY) -m pip install -q '.[proto]'
+	$(VPY) -m kvstore.proto.generate
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -28,7 +28,8 @@ def log(message: str) -> None:
 def agent_process(settings: dict, workdir: str) -> Iterator[tuple[str, subprocess.Popen]]:
     """A `kvstore serve` subprocess with `settings` (dotted keys); yields (socket path, process)."""
     socket_path = str(Path(workdir) / "agent.sock")
-    config = {"agent": {"socket_path": socket_path}}
+    # No gRPC controller unless a benchmark asks for one: it would bind the default ports.
+    config = {"agent": {"socket_path": socket_path}, "control": {"enabled": False}}
     for dotted, value in settings.items():
         section, _, key = dotted.rpartition(".")
         (config.setdefault(section, {}) if section else config)[key] = value
@@ -72,6 +73,8 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
         from .lookup import run
     elif name == "e2e":
         from .e2e import run
+    elif name == "control":
+        from .control import run
     else:
         raise ValueError(f"unknown benchmark {name}")
     return run(args)

@@ -2,12 +2,14 @@
 
     kvstore serve [--config FILE] [--set key=value ...]   run the node agent (embedded defaults need nothing)
     kvstore serve --cluster [--ray-address ADDR]          run it as a Ray actor: embedded loopback Ray, or join ADDR
-    kvstore stats [--output json]                          what the local agent holds
+    kvstore stats [--output json]                          what the local agent holds (over its Unix socket)
+    kvstore status|lookup|ls|evict|clear|watch [...]       the controller, over gRPC (docs/control.md)
     kvstore config show [--config FILE] [--set ...]        the effective configuration
     kvstore bench tiers|lookup [--json] [...]              benchmarks (docs/benchmarks.md)
     kvstore demo                                           vLLM with and without kvstore, multi-round chat
 
-Exit codes: 0 ok, 1 runtime failure (agent unreachable, ...), 2 bad usage or configuration.
+Exit codes: 0 ok, 1 runtime failure (agent or controller unreachable, deadline, not found, ...), 2 bad usage
+or configuration (INVALID_ARGUMENT), 3 authentication or permission (UNAUTHENTICATED, PERMISSION_DENIED).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 from .config import config_to_dict, load_config, resolve_auto
 from .errors import AgentUnavailable, ConfigError, KVStoreError
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_AUTH = 0, 1, 2, 3
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +39,10 @@ def cmd_serve(args) -> int:
     from .node import run_agent
 
     cfg = resolve_auto(_load(args))
+    if args.insecure:
+        from dataclasses import replace
+
+        cfg = replace(cfg, control=replace(cfg.control, insecure=True))
     logging.basicConfig(level=cfg.agent.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cluster or args.ray_address or cfg.cluster.enabled:
@@ -45,9 +51,48 @@ def cmd_serve(args) -> int:
         serve_cluster(cfg, args.ray_address, ready=lambda info: print(
             f"kvstore agent ready on {info['socket_path']} (Ray node {info['node'][:12]})", file=sys.stderr, flush=True))
         return EXIT_OK
-    run_agent(cfg, ready=lambda server: print(f"kvstore agent ready on {server.socket_path}",
-                                              file=sys.stderr, flush=True))
+    controller = []
+
+    def ready(server) -> None:
+        print(f"kvstore agent ready on {server.socket_path}", file=sys.stderr, flush=True)
+        if cfg.control.enabled and not args.no_control:
+            controller.extend(_start_controller(cfg, server.socket_path))
+
+    try:
+        run_agent(cfg, ready=ready)
+    finally:
+        for c in controller:
+            c.stop()
     return EXIT_OK
+
+
+def _start_controller(cfg, socket_path: str) -> list:
+    """The gRPC controller beside the agent; a taken port is a warning, not a dead agent."""
+    from .control.auth import ensure_default_token
+    from .control.server import ControlServer
+
+    c = cfg.control
+    if not (c.insecure or c.token or c.tokens_file):
+        token, path, created = ensure_default_token()
+        if created:
+            print(f"kvstore control token (saved in {path}, the CLI reads it from there): {token}",
+                  file=sys.stderr, flush=True)
+    try:
+        server = ControlServer(cfg, socket_path).start()
+    except OSError as exc:
+        logging.getLogger("kvstore.control").warning("controller not started: %s", exc)
+        return []
+    metrics = f", metrics on http://{c.metrics_address.rpartition(':')[0]}:{server.metrics_port}/metrics" \
+        if c.metrics_address else ""
+    print(f"kvstore controller listening on {server.address}{metrics}"
+          f"{' (insecure: no auth)' if c.insecure else ''}", file=sys.stderr, flush=True)
+    return [server]
+
+
+def cmd_control(args) -> int:
+    from .control.cli import run
+
+    return run(args)
 
 
 def cmd_stats(args) -> int:
@@ -111,12 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
                             "--ray-address, in an embedded single-node Ray on loopback")
     serve.add_argument("--ray-address", metavar="ADDR", default=None,
                        help="join the Ray cluster at ADDR (implies --cluster; else cluster.ray_address)")
+    serve.add_argument("--insecure", action="store_true",
+                       help="run the gRPC controller without auth (local play; same as control.insecure=true)")
+    serve.add_argument("--no-control", action="store_true",
+                       help="do not start the gRPC controller (same as control.enabled=false)")
     serve.set_defaults(func=cmd_serve)
 
     stats = sub.add_parser("stats", help="show what the local agent holds")
     _add_config_args(stats)
     stats.add_argument("--output", choices=["table", "json"], default="table")
     stats.set_defaults(func=cmd_stats)
+
+    from .control.cli import add_commands
+
+    add_commands(sub, _add_config_args, cmd_control)
 
     config = sub.add_parser("config", help="show the effective configuration")
     config.add_argument("action", choices=["show"])
@@ -126,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.set_defaults(func=cmd_config)
 
     bench = sub.add_parser("bench", help="run a benchmark (docs/benchmarks.md)")
-    bench.add_argument("name", choices=["tiers", "lookup", "e2e", "cluster"])
+    bench.add_argument("name", choices=["tiers", "lookup", "e2e", "cluster", "control"])
     bench.add_argument("--json", action="store_true", help="print one JSON object on stdout (logs on stderr)")
     bench.add_argument("--geometry", default="layers=30,heads=3,head_dim=64,tokens=256,dtype=bf16",
                        help="chunk geometry for `tiers` (default: SmolLM2-135M, 256 tokens, bf16)")
@@ -144,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--vllm-blocks", type=int, default=40,
                        help="`e2e`: vLLM's own KV pool in blocks of 128 tokens (smaller than the working set)")
     bench.add_argument("--arena", default="1GiB", help="`e2e`: the node agent's shared-memory arena")
+    bench.add_argument("--requests", type=int, default=1000, help="`control`: Lookup RPCs timed")
     bench.add_argument("--out-dir", default="bench-results", help="`e2e`: where the CSV and PNG go")
     bench.set_defaults(func=cmd_bench)
 

@@ -89,6 +89,19 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    enabled: bool = True  # `kvstore serve` also runs the gRPC controller (docs/control.md)
+    address: str = "127.0.0.1:50051"  # host:port the controller listens on (port 0: any free port)
+    metrics_address: str = "127.0.0.1:9400"  # Prometheus endpoint (""): off; port 0: any free port
+    token: str = ""  # a bearer token valid for every tenant (env KVSTORE_CONTROL__TOKEN)
+    tokens_file: str = ""  # lines "TOKEN [tenant,tenant...]"; no tenants: every tenant
+    insecure: bool = False  # no auth at all (local play only)
+    call_timeout_s: float = 2.0  # deadline of each call into the agent
+    max_request_chunks: int = 65536  # a larger Lookup/Evict is INVALID_ARGUMENT
+    workers: int = 8  # gRPC thread pool
+
+
+@dataclass(frozen=True)
 class KVStoreConfig:
     chunk_tokens: int = 256
     cpu: CpuConfig = field(default_factory=CpuConfig)
@@ -96,6 +109,7 @@ class KVStoreConfig:
     gpu: GpuConfig = field(default_factory=GpuConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
 
     @property
     def socket_path(self) -> str:
@@ -344,6 +358,17 @@ def validate(cfg: KVStoreConfig) -> KVStoreConfig:
         _check(getattr(cluster, key) > 0, f"cluster.{key}", f"{getattr(cluster, key)} must be positive")
     _check(cluster.object_store_bytes >= 64 * MiB, "cluster.object_store_bytes",
            f"{cluster.object_store_bytes} is below 64 MiB")
+    control = cfg.control
+    for key in ("address", "metrics_address"):
+        value = getattr(control, key)
+        host, sep, port = value.rpartition(":")
+        _check(value == "" and key == "metrics_address" or bool(sep and host and port.isdigit()
+                                                                    and int(port) < 65536),
+               f"control.{key}", f"{value!r} is not host:port")
+    _check(control.call_timeout_s > 0, "control.call_timeout_s", f"{control.call_timeout_s} must be positive")
+    _check(control.max_request_chunks > 0, "control.max_request_chunks",
+           f"{control.max_request_chunks} must be positive")
+    _check(control.workers > 0, "control.workers", f"{control.workers} must be positive")
     for key, allowed in _ENUMS.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)

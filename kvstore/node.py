@@ -52,6 +52,8 @@ _KEY_HALVES = struct.Struct("<QQ")
 RESERVE_EXISTS = -1  # already stored (or being written by someone else): nothing to write
 RESERVE_NO_SPACE = -2  # nothing evictable: everything is pinned, reserved or queued
 
+EVENT_BUFFER = 4096  # events the agent keeps for watchers (`events` op); older ones are dropped
+
 
 @dataclass
 class _NamespaceInfo:
@@ -114,6 +116,10 @@ class NodeStore:
         self._doomed: set[bytes] = set()  # deleted from disk while being written: delete again once written
         self._leaving: set[bytes] = set()  # evicted from the arena while being written: remove once written
         self._queue_cv = threading.Condition(self.lock)
+        # The event feed: (seq, unix time, kind, namespace id, tier, keys), appended where the directory
+        # changes; a watcher polls with the last seq it saw and learns how many it missed.
+        self._events: deque[tuple[int, float, str, int, int, list[bytes]]] = deque(maxlen=EVENT_BUFFER)
+        self._event_seq = 0
         self._stopping = False
         self._threads = [threading.Thread(target=self._sweep_loop, name="kvstore-sweeper", daemon=True)]
         if self.disk is not None:
@@ -175,6 +181,7 @@ class NodeStore:
             bits = (current & 0xFF if current >= 0 else 0) | bit
             self.directory.set(low, high, ns_id << 8 | bits)
             changed.append(bits)
+        self._event("stored", ns_id, tier, list(keys))
         if self.on_holdings_change is not None and changed:
             self.on_holdings_change(list(keys), changed)
 
@@ -182,6 +189,7 @@ class NodeStore:
         """Record that `tier` no longer holds `keys` (caller holds the lock)."""
         bit = DIR_BITS[tier]
         gone, left = [], []
+        by_ns: dict[int, list[bytes]] = {}
         for key in keys:
             low, high = _KEY_HALVES.unpack(key)
             current = self.directory.get(low, high)
@@ -193,8 +201,54 @@ class NodeStore:
                 self.directory.remove(low, high)
             gone.append(key)
             left.append(current & 0xFF & ~bit)
+            by_ns.setdefault(current >> 8, []).append(key)
+        for ns_id, ns_keys in by_ns.items():
+            self._event("removed", ns_id, tier, ns_keys)
         if self.on_holdings_change is not None and gone:
             self.on_holdings_change(gone, left)
+
+    def _event(self, kind: str, ns_id: int, tier: int, keys: list[bytes]) -> None:
+        """Append to the event feed (caller holds the lock)."""
+        if keys or kind == "cleared":
+            self._event_seq += 1
+            self._events.append((self._event_seq, time.time(), kind, ns_id, tier, keys))
+
+    def events(self, since: int, limit: int = 1000) -> dict:
+        """Events after seq `since` (at most `limit`); `next` is the seq to ask from next time and
+        `dropped` how many after `since` are no longer buffered."""
+        with self.lock:
+            first = self._events[0][0] if self._events else self._event_seq + 1
+            dropped = max(0, first - since - 1)
+            out = []
+            for seq, at, kind, ns_id, tier, keys in self._events:
+                if seq <= since:
+                    continue
+                if len(out) >= limit:
+                    break
+                info = self._ns_by_id[ns_id] if 0 < ns_id < len(self._ns_by_id) else None
+                out.append({"seq": seq, "time": at, "kind": kind, "ns": info.digest if info else b"",
+                            "tier": tier, "keys": b"".join(keys)})
+            return {"events": out, "next": out[-1]["seq"] if out else max(since, self._event_seq),
+                    "dropped": dropped, "last": self._event_seq}
+
+    def chunks(self, digest: bytes | None, tier: int, start: int, limit: int) -> dict:
+        """One page of the chunks held in registered namespaces, sorted by key: [key, namespace digest,
+        tier bits] from position `start`, at most `limit`, filtered by namespace and tier (0: any)."""
+        keys, bits = self.holdings()
+        if not keys:
+            return {"chunks": [], "next": 0}
+        with self.lock:
+            values = self.directory.lookup(pack_keys(keys))
+            rows = []
+            for key, value in sorted(zip(keys, values.tolist())):
+                if value < 0 or (tier and not value & DIR_BITS.get(tier, 0)):
+                    continue
+                info = self._ns_by_id[value >> 8] if 0 < value >> 8 < len(self._ns_by_id) else None
+                if info is None or (digest is not None and info.digest != digest):
+                    continue
+                rows.append([key, info.digest, value & 0xFF])
+        page = rows[start:start + limit]
+        return {"chunks": page, "next": start + len(page) if start + len(page) < len(rows) else 0}
 
     def _cpu_removed(self, keys: list[bytes]) -> None:
         """After cpu.remove(keys): unpublish the ones that really left the arena (caller holds the lock)."""
@@ -548,6 +602,8 @@ class NodeStore:
             result["disk"] = self.disk.delete(on_disk)
             with self.lock:
                 self._unpublish(on_disk, TIER_DISK)
+        with self.lock:
+            self._event("cleared", info.ns_id, TIER_NONE, [])
         return result
 
     def _cpu_evicted(self, keys: list[bytes]) -> None:
@@ -780,7 +836,7 @@ class AgentServer:
             "contains": self._contains, "reserve": self._reserve, "commit": self._commit,
             "abort": self._abort, "acquire": self._acquire, "release": self._release,
             "evict": self._evict, "clear": self._clear, "flush": self._flush, "stats": self._stats,
-            "list": self._list,
+            "list": self._list, "events": self._events, "chunks": self._chunks,
         }
 
     def serve_forever(self) -> None:
@@ -915,6 +971,21 @@ class AgentServer:
 
     def _list(self, conn: int, args: dict) -> list:
         return self.store.list_namespaces()
+
+    def _events(self, conn: int, args: dict) -> dict:
+        since, limit = _arg(args, "since", int, 0), _arg(args, "limit", int, 1000)
+        if since < 0 or not 0 < limit <= 100_000:
+            raise InvalidArgument("events needs since >= 0 and 0 < limit <= 100000")
+        return self.store.events(since, limit)
+
+    def _chunks(self, conn: int, args: dict) -> dict:
+        ns = args.get("ns")
+        if ns is not None and not isinstance(ns, bytes):
+            raise InvalidArgument("ns must be a namespace digest (bytes)")
+        tier, start, limit = _arg(args, "tier", int, 0), _arg(args, "start", int, 0), _arg(args, "limit", int, 1000)
+        if tier not in (0, *DIR_BITS) or start < 0 or not 0 < limit <= 100_000:
+            raise InvalidArgument("chunks needs a known tier code, start >= 0 and 0 < limit <= 100000")
+        return self.store.chunks(ns, tier, start, limit)
 
 
 def _remove_stale_socket(path: str) -> None:

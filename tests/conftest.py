@@ -45,6 +45,7 @@ def agent_settings(tmp_path: Path, **overrides) -> dict:
         "disk.capacity_bytes": "256MiB",
         "disk.segment_bytes": "8MiB",
         "disk.batch_bytes": "64KiB",
+        "control.enabled": False,  # a spawned `kvstore serve` would bind the controller's default ports
     }
     settings.update(overrides)
     return settings

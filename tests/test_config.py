@@ -346,7 +346,7 @@ def test_config_to_dict_is_plain_and_loads_back(tmp_path):
     assert data["cpu"] == {"arena_bytes": GiB, "slab_bytes": 64 * MiB, "shm_dir": "/dev/shm", "policy": "lru",
                            "prefault": True}
     assert data["disk"]["enabled"] is False
-    assert set(data) == {"chunk_tokens", "cpu", "disk", "gpu", "agent", "cluster"}
+    assert set(data) == {"chunk_tokens", "cpu", "disk", "gpu", "agent", "cluster", "control"}
     path = write_yaml(tmp_path, yaml.safe_dump(data))
     assert load_config(path, env={}) == cfg
 

@@ -1,0 +1,307 @@
+"""CLI commands that speak to the controller over gRPC: status, lookup, ls, evict, clear, watch.
+
+Each takes --address (default control.address), --token (default control.token, else the embedded
+default's token file), --output table|json and --timeout. Exit codes: 0 ok; 1 UNAVAILABLE, DEADLINE,
+NOT_FOUND and other runtime failures; 2 INVALID_ARGUMENT or bad usage; 3 UNAUTHENTICATED or
+PERMISSION_DENIED.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+import time
+
+import grpc
+import numpy as np
+from google.protobuf.json_format import MessageToDict
+
+from ..proto import kvstore_pb2 as pb
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_AUTH = 0, 1, 2, 3
+_EXIT_BY_CODE = {
+    grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE,
+    grpc.StatusCode.UNAUTHENTICATED: EXIT_AUTH,
+    grpc.StatusCode.PERMISSION_DENIED: EXIT_AUTH,
+}
+_TIER_NAMES = {pb.TIER_GPU: "gpu", pb.TIER_CPU: "cpu", pb.TIER_DISK: "disk", pb.TIER_REMOTE: "remote"}
+_TIERS_BY_NAME = {v: k for k, v in _TIER_NAMES.items()}
+
+
+class UsageError(Exception):
+    pass
+
+
+def add_commands(sub, add_config_args, func) -> None:
+    def command(name: str, help: str, description: str):
+        parser = sub.add_parser(name, help=help, description=description)
+        add_config_args(parser)
+        parser.add_argument("--address", default=None, help="controller host:port (default: control.address)")
+        parser.add_argument("--token", default=None,
+                            help="bearer token (default: control.token / $KVSTORE_CONTROL__TOKEN, else the "
+                                 "token `kvstore serve` saved in ~/.cache/kvstore/control-token)")
+        parser.add_argument("--output", choices=["table", "json"], default="table")
+        parser.add_argument("--timeout", type=float, default=5.0, help="deadline of each RPC in seconds")
+        parser.set_defaults(func=func, control_command=name)
+        return parser
+
+    def namespace_arg(parser, required_help: str) -> None:
+        parser.add_argument("--namespace", "-n", default=None,
+                            help=f"namespace digest (hex) or model name; {required_help}")
+
+    command("status", "nodes, tiers, bytes used / capacity, hit rate",
+            "Show what the store holds: per node and tier the chunks, bytes used and capacity, pinned bytes, "
+            "evictions; the lookup hit rate and the namespaces the token may see.")
+
+    lookup = command("lookup", "how much of a prompt is cached, per node and tier",
+                     "Look up a prompt's longest cached prefix. Give token ids (kvstore lookup 1 2 3 ...), or "
+                     "--text with --tokenizer <hf dir>, or chunk hashes with --hashes.")
+    namespace_arg(lookup, "default: the only namespace, if there is one")
+    lookup.add_argument("tokens", nargs="*", type=int, help="token ids")
+    lookup.add_argument("--text", default=None, help="text to tokenize (needs --tokenizer)")
+    lookup.add_argument("--tokenizer", default=None, help="a Hugging Face tokenizer directory")
+    lookup.add_argument("--hashes", nargs="*", default=None, help="chunk hashes in hex instead of tokens")
+
+    ls = command("ls", "list cached chunks (paged)", "List chunks by namespace and tier, one page at a time.")
+    namespace_arg(ls, "default: every namespace")
+    ls.add_argument("--tier", choices=sorted(_TIERS_BY_NAME), default=None)
+    ls.add_argument("--limit", type=int, default=100, help="page size")
+    ls.add_argument("--page", default="", help="page token printed by the previous page")
+
+    evict = command("evict", "drop chunks of a prompt from tiers", "Evict a prompt's chunks (tokens or --hashes).")
+    namespace_arg(evict, "default: the only namespace, if there is one")
+    evict.add_argument("tokens", nargs="*", type=int, help="token ids")
+    evict.add_argument("--hashes", nargs="*", default=None, help="chunk hashes in hex")
+    evict.add_argument("--tier", action="append", choices=["cpu", "disk"], default=None,
+                       help="tier to evict from (repeatable; default both)")
+
+    clear = command("clear", "remove every chunk of a namespace or tenant",
+                    "Clear a namespace (--namespace) or every namespace of a tenant (--tenant).")
+    namespace_arg(clear, "or --tenant")
+    clear.add_argument("--tenant", default=None)
+
+    watch = command("watch", "tail stored/removed/cleared events",
+                    "Print events as they happen until interrupted (or --count events).")
+    namespace_arg(watch, "default: every namespace")
+    watch.add_argument("--count", type=int, default=0, help="stop after this many events (0: never)")
+    watch.add_argument("--since", type=int, default=0,
+                       help="replay the events after this sequence number still buffered (0: only new ones)")
+
+
+def run(args) -> int:
+    from ..config import load_config
+    from .client import ControlClient, resolve_token
+
+    cfg = load_config(args.config, overrides=args.set)
+    token = resolve_token(args.token, cfg.control.token)
+    address = args.address or cfg.control.address
+    with ControlClient(address, token, timeout=args.timeout) as client:
+        try:
+            return _COMMANDS[args.control_command](client, args)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            print(f"kvstore: {code.name}: {exc.details()} (controller {address})", file=sys.stderr)
+            return _EXIT_BY_CODE.get(code, EXIT_FAILURE)
+        except UsageError as exc:
+            print(f"kvstore: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+
+
+_HEX_FIELDS = {"namespace", "digest", "hash", "block_hashes", "parent_block_hash", "chunk_hashes"}
+
+
+def _hex_bytes(value, key: str = ""):
+    """MessageToDict writes bytes as base64; hashes and digests read better (and grep) as hex."""
+    if isinstance(value, dict):
+        return {k: _hex_bytes(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_hex_bytes(v, key) for v in value]
+    if key in _HEX_FIELDS and isinstance(value, str):
+        return base64.b64decode(value).hex()
+    return value
+
+
+def to_json(message) -> str:
+    return json.dumps(_hex_bytes(MessageToDict(message, preserving_proto_field_name=True)))
+
+
+def _emit(args, message, render) -> int:
+    if args.output == "json":
+        print(to_json(message))
+    else:
+        render(message)
+    return EXIT_OK
+
+
+def _namespace(client, args, required: bool = True) -> bytes:
+    value = args.namespace
+    if value:
+        try:
+            digest = bytes.fromhex(value)
+            if len(digest) == 16:
+                return digest
+        except ValueError:
+            pass
+    if not value and not required:
+        return b""
+    namespaces = [ns for node in client.Stats(pb.StatsRequest()).nodes for ns in node.namespaces]
+    matches = [ns for ns in namespaces if not value or ns.description.get("model") == value]
+    digests = list(dict.fromkeys(ns.digest for ns in matches))
+    if len(digests) == 1:
+        return digests[0]
+    known = ", ".join(f"{ns.digest.hex()} ({ns.description.get('model', '?')})" for ns in namespaces) or "none"
+    what = f"no namespace matches {value!r}" if value and not digests else "several namespaces match" \
+        if digests else "no namespace to choose"
+    raise UsageError(f"{what}; pass --namespace HEX (known: {known})")
+
+
+def _query(client, args) -> pb.ChunkQuery:
+    namespace = _namespace(client, args)
+    if args.hashes:
+        try:
+            return pb.ChunkQuery(namespace=namespace, chunk_hashes_packed=b"".join(bytes.fromhex(h) for h in args.hashes))
+        except ValueError:
+            raise UsageError("--hashes takes hex strings") from None
+    tokens = list(args.tokens)
+    if getattr(args, "text", None) is not None:
+        if not args.tokenizer:
+            raise UsageError("--text needs --tokenizer <hf dir>")
+        from transformers import AutoTokenizer
+
+        tokens = AutoTokenizer.from_pretrained(args.tokenizer).encode(args.text)
+    if not tokens:
+        raise UsageError("give token ids, --text with --tokenizer, or --hashes")
+    try:
+        packed = np.asarray(tokens, dtype=np.int64)
+        if packed.size and (packed.min() < 0 or packed.max() >= 1 << 32):
+            raise ValueError
+    except (ValueError, OverflowError):
+        raise UsageError("token ids must be integers in [0, 2^32)") from None
+    return pb.ChunkQuery(namespace=namespace, token_ids_le32=packed.astype("<u4").tobytes())
+
+
+def _table(title: str, columns: list[str]):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    return table
+
+
+def _print(*things) -> None:
+    from rich.console import Console
+
+    console = Console()
+    for thing in things:
+        console.print(thing)
+
+
+def cmd_status(client, args) -> int:
+    from ..stats import human_bytes
+
+    reply = client.Stats(pb.StatsRequest())
+    health = client.Health(pb.HealthRequest())
+
+    def render(message) -> None:
+        for node in message.nodes:
+            table = _table(f"node {node.node}: {pb.HealthResponse.Status.Name(health.status).lower()}, "
+                           f"hit rate {node.hit_rate:.1%}",
+                           ["tier", "chunks", "used / capacity", "use", "pinned", "evictions"])
+            for t in node.tiers:
+                use = t.used_bytes / t.capacity_bytes if t.capacity_bytes else 0.0
+                table.add_row(_TIER_NAMES.get(t.tier, "?"), str(t.chunks),
+                              f"{human_bytes(t.used_bytes)} / {human_bytes(t.capacity_bytes)}", f"{use:.1%}",
+                              human_bytes(t.pinned_bytes), str(t.evictions))
+            c = node.counters
+            namespaces = _table("namespaces", ["digest", "model", "tenant", "chunk tokens"])
+            for ns in node.namespaces:
+                namespaces.add_row(ns.digest.hex(), ns.description.get("model", "?"),
+                                   ns.description.get("tenant", "") or "-", ns.description.get("chunk_tokens", "?"))
+            _print(table, f"lookups {c.get('lookups', 0)}: {c.get('lookup_hit_chunks', 0)} chunks hit, "
+                          f"{c.get('lookup_miss_chunks', 0)} missed; stored {c.get('chunks_stored', 0)}", namespaces)
+
+    return _emit(args, reply, render)
+
+
+def cmd_lookup(client, args) -> int:
+    reply = client.Lookup(pb.LookupRequest(query=_query(client, args)))
+
+    def render(message) -> None:
+        share = message.matched_chunks / message.query_chunks if message.query_chunks else 0.0
+        table = _table(f"matched {message.matched_tokens} tokens = {message.matched_chunks} of "
+                       f"{message.query_chunks} chunks ({share:.0%}), {message.chunk_tokens} tokens per chunk",
+                       ["node", "prefix chunks", "prefix tokens", "by tier"])
+        for node in message.nodes:
+            table.add_row(node.node, str(node.matched_chunks), str(node.matched_tokens),
+                          ", ".join(f"{_TIER_NAMES.get(t.tier, '?')} {t.chunks}" for t in node.per_tier))
+        _print(table)
+
+    return _emit(args, reply, render)
+
+
+def cmd_ls(client, args) -> int:
+    request = pb.ListChunksRequest(namespace=_namespace(client, args, required=False), page_size=args.limit,
+                                   page_token=args.page,
+                                   tier=_TIERS_BY_NAME[args.tier] if args.tier else pb.TIER_UNSPECIFIED)
+    reply = client.ListChunks(request)
+
+    def render(message) -> None:
+        table = _table(f"{len(message.chunks)} chunks", ["chunk hash", "namespace", "tiers", "node"])
+        for chunk in message.chunks:
+            table.add_row(chunk.hash.hex(), chunk.namespace.hex()[:12],
+                          ",".join(_TIER_NAMES.get(t, "?") for t in chunk.tiers), chunk.node)
+        _print(table, f"next page: --page {message.next_page_token}" if message.next_page_token else "last page")
+
+    return _emit(args, reply, render)
+
+
+def cmd_evict(client, args) -> int:
+    tiers = [_TIERS_BY_NAME[t] for t in args.tier or []]
+    reply = client.Evict(pb.EvictRequest(query=_query(client, args), tiers=tiers))
+    return _emit(args, reply, lambda m: _print(f"evicted {m.cpu_chunks} chunks from cpu, {m.disk_chunks} from "
+                                               f"disk; {m.pinned_chunks} pinned chunks left in place"))
+
+
+def cmd_clear(client, args) -> int:
+    if args.tenant is not None:
+        request = pb.ClearRequest(tenant=args.tenant)
+    elif args.namespace:
+        request = pb.ClearRequest(namespace=_namespace(client, args))
+    else:
+        raise UsageError("clear needs --namespace or --tenant")
+    reply = client.Clear(request)
+    return _emit(args, reply, lambda m: _print(f"cleared {m.namespaces} namespace(s): {m.cpu_chunks} chunks from "
+                                               f"cpu, {m.disk_chunks} from disk"))
+
+
+def cmd_watch(client, args) -> int:
+    stream = client.watch(pb.WatchEventsRequest(namespace=_namespace(client, args, required=False),
+                                                since=args.since))
+    seen = 0
+    try:
+        for event in stream:
+            if args.output == "json":
+                print(to_json(event), flush=True)
+            else:
+                kind = event.WhichOneof("kind")
+                body = getattr(event, kind)
+                hashes = list(getattr(body, "block_hashes", []))
+                medium = getattr(body, "medium", "")
+                when = time.strftime("%H:%M:%S", time.localtime(event.timestamp))
+                lost = f" ({event.dropped} events lost before this)" if event.dropped else ""
+                print(f"{when} #{event.seq} {kind:<8} {medium:<4} ns {event.namespace.hex()[:12]} "
+                      f"{len(hashes)} chunk(s) {' '.join(h.hex()[:8] for h in hashes[:4])}"
+                      f"{' ...' if len(hashes) > 4 else ''}{lost}", flush=True)
+            seen += 1
+            if args.count and seen >= args.count:
+                stream.cancel()
+                break
+    except KeyboardInterrupt:
+        stream.cancel()
+    return EXIT_OK
+
+
+_COMMANDS = {"status": cmd_status, "lookup": cmd_lookup, "ls": cmd_ls, "evict": cmd_evict, "clear": cmd_clear,
+             "watch": cmd_watch}

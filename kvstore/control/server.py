@@ -1,0 +1,500 @@
+"""The controller: `kvstore.v1.ControlService` over gRPC, in front of the node agent (docs/control.md).
+
+Stateless: every answer comes from the agent over its Unix socket (a small pool of AgentConnections,
+each call with a deadline: the smaller of `control.call_timeout_s` and what is left of the RPC's own
+deadline), so several controllers may run side by side. The only cache is namespace descriptions
+(digest -> model, tenant, chunk size), refreshed from the agent on a miss.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import socket
+import threading
+import time
+from concurrent import futures
+from typing import Any, Callable
+
+import grpc
+import numpy as np
+
+from ..client import AgentConnection
+from ..config import KVStoreConfig
+from ..errors import AgentUnavailable, CapacityExhausted, InvalidArgument, KVStoreError, NotFound
+from ..keys import Namespace, chunk_keys
+from ..metrics import ControllerMetrics
+from ..node import DIR_BITS, TIER_CPU, TIER_DISK, TIER_GPU, TIER_NAMES, TIER_NONE, TIER_REMOTE
+from ..proto import kvstore_pb2 as pb
+from ..protocol import PROTOCOL_VERSION
+from ..tiers.memory import pack_keys
+from ..proto import kvstore_pb2_grpc as pb_grpc
+from .auth import ANYONE, AuthFailed, Principal, TokenAuth
+
+log = logging.getLogger("kvstore.control")
+
+# Agent tier codes <-> proto Tier values (equal today; kept explicit so either side may change).
+TIER_TO_PB = {TIER_NONE: pb.TIER_UNSPECIFIED, TIER_GPU: pb.TIER_GPU, TIER_CPU: pb.TIER_CPU,
+              TIER_DISK: pb.TIER_DISK, TIER_REMOTE: pb.TIER_REMOTE}
+PB_TO_TIER = {v: k for k, v in TIER_TO_PB.items()}
+_EVICTABLE = {pb.TIER_CPU: "cpu", pb.TIER_DISK: "disk"}
+MAX_PAGE = 10_000
+_WATCH_POLL_S = 0.05  # how often a watcher asks the agent for new events when there were none
+
+
+class PermissionDenied(Exception):
+    """The token is valid but not for this tenant: PERMISSION_DENIED."""
+
+
+class Unimplemented(Exception):
+    """An RPC or option this controller does not serve yet: UNIMPLEMENTED."""
+
+
+def status_of(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status code for an exception raised while serving a call."""
+    if isinstance(exc, AuthFailed):
+        return grpc.StatusCode.UNAUTHENTICATED
+    if isinstance(exc, PermissionDenied):
+        return grpc.StatusCode.PERMISSION_DENIED
+    if isinstance(exc, Unimplemented):
+        return grpc.StatusCode.UNIMPLEMENTED
+    if isinstance(exc, InvalidArgument):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, NotFound):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, AgentUnavailable):
+        return grpc.StatusCode.DEADLINE_EXCEEDED if "timed out" in str(exc) else grpc.StatusCode.UNAVAILABLE
+    if isinstance(exc, CapacityExhausted):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    return grpc.StatusCode.INTERNAL
+
+
+class AgentPool:
+    """Up to `size` connections to the agent, each used by one call at a time."""
+
+    def __init__(self, socket_path: str, size: int):
+        self.socket_path = socket_path
+        self._idle: queue.LifoQueue[AgentConnection] = queue.LifoQueue()
+        self._slots = threading.BoundedSemaphore(size)
+        self._directory_lock = threading.Lock()
+        self._directory_conn: AgentConnection | None = None
+        self._ns_ids: dict[bytes, int] = {}  # namespace ids as the directory connection's agent numbers them
+
+    def call(self, op: str, args: dict, timeout: float) -> Any:
+        if timeout <= 0:
+            raise AgentUnavailable(f"agent call {op} timed out (no time left in the RPC's deadline)")
+        if not self._slots.acquire(timeout=timeout):
+            raise AgentUnavailable(f"agent call {op} timed out waiting for a free connection")
+        try:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                conn = AgentConnection(self.socket_path, timeout=timeout)
+            try:
+                result = conn.call(op, args, timeout=timeout)
+            except AgentUnavailable:
+                conn.close()
+                raise
+            self._idle.put(conn)
+            return result
+        finally:
+            self._slots.release()
+
+    def directory_tiers(self, digest: bytes, packed: np.ndarray, timeout: float,
+                        resolve_ns_id: Callable[[bytes], int]) -> np.ndarray | None:
+        """Tier bits of each key from the agent's shared node directory (the map LocalClient reads: no
+        round trip; once a second one checks that the agent is alive), 0 where absent or in another
+        namespace. None when the directory cannot be mapped here (then ask the agent)."""
+        with self._directory_lock:
+            if self._directory_conn is None:
+                self._directory_conn = AgentConnection(self.socket_path, timeout=timeout)
+                self._ns_ids = {}  # another agent (or the same restarted) may number namespaces otherwise
+            conn = self._directory_conn
+            try:
+                conn.ensure_alive()
+                if conn.directory is None:
+                    return None
+                ns_id = self._ns_ids.get(digest)
+                if ns_id is None:
+                    ns_id = self._ns_ids[digest] = resolve_ns_id(digest)
+                values = conn.directory.lookup(packed)
+            except AgentUnavailable:
+                conn.close()
+                self._directory_conn = None
+                raise
+            except (OSError, ValueError):  # e.g. the agent stopped and closed it: start over next time
+                conn.close()
+                self._directory_conn = None
+                return None
+        return np.where((values >= 0) & (values >> 8 == ns_id), values & 0xFF, 0)
+
+    def close(self) -> None:
+        with self._directory_lock:
+            if self._directory_conn is not None:
+                self._directory_conn.close()
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
+
+
+def _rpc(method: Callable) -> Callable:
+    """Auth, deadline, error mapping and latency metrics around one unary RPC."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self: "ControlServicer", request, context: grpc.ServicerContext):
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            principal = ANYONE if name == "Health" else self.auth.check(context.invocation_metadata())
+            return method(self, request, context, principal)
+        except Exception as exc:
+            code = status_of(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", name)
+            context.abort(code, f"{name}: {exc}")
+        finally:
+            self.metrics.rpc_seconds.labels(name, code.name).observe(time.perf_counter() - started)
+
+    return wrapper
+
+
+class ControlServicer(pb_grpc.ControlServiceServicer):
+    def __init__(self, cfg: KVStoreConfig, socket_path: str, auth: TokenAuth, metrics: ControllerMetrics):
+        self.cfg = cfg
+        self.auth = auth
+        self.metrics = metrics
+        self.node = socket.gethostname()
+        self.agent = AgentPool(socket_path, max(2, cfg.control.workers))
+        self._namespaces: dict[bytes, dict] = {}
+        self._hashers: dict[bytes, Namespace] = {}
+        self._geometries: dict[bytes, list] = {}
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def timeout(self, context: grpc.ServicerContext | None) -> float:
+        left = context.time_remaining() if context is not None else None
+        return self.cfg.control.call_timeout_s if left is None else min(self.cfg.control.call_timeout_s, left)
+
+    def call(self, op: str, args: dict, context: grpc.ServicerContext | None) -> Any:
+        return self.agent.call(op, args, self.timeout(context))
+
+    def namespaces(self, context, refresh: bool = False) -> dict[bytes, dict]:
+        if refresh or not self._namespaces:
+            listed = self.call("list", {}, context)
+            self._geometries = {ns["digest"]: ns["geometry"] for ns in listed}
+            self._namespaces = {ns["digest"]: ns["description"] for ns in listed}
+        return self._namespaces
+
+    def ns_id(self, digest: bytes, context) -> int:
+        """The agent's id of a namespace (what the node directory stores), by re-registering it with its
+        own geometry: a no-op on the agent."""
+        return self.call("register", {"ns": digest, "geometry": self._geometries[digest]}, context)
+
+    def prefix(self, digest: bytes, keys: list[bytes], context) -> tuple[int, bytes]:
+        """(matched chunks from the first key, tier code of each matched chunk), fastest tier first."""
+        if not keys:
+            return 0, b""
+        bits = self.agent.directory_tiers(digest, pack_keys(keys), self.timeout(context),
+                                          lambda d: self.ns_id(d, context))
+        if bits is None:
+            reply = self.call("lookup", {"ns": digest, "keys": b"".join(keys)}, context)
+            return reply["matched"], reply["tiers"]
+        misses = np.flatnonzero(bits == 0)
+        matched = int(misses[0]) if misses.size else len(keys)
+        best = bits[:matched]
+        codes = np.where(best & DIR_BITS[TIER_GPU], TIER_GPU,
+                         np.where(best & DIR_BITS[TIER_CPU], TIER_CPU, TIER_DISK)).astype(np.uint8)
+        return matched, codes.tobytes()
+
+    def describe(self, digest: bytes, principal: Principal, context) -> dict:
+        """The namespace's description, if it exists and the caller may see its tenant."""
+        if len(digest) != 16:
+            raise InvalidArgument(f"namespace must be a 16-byte digest, got {len(digest)} bytes")
+        description = self.namespaces(context).get(digest)
+        if description is None:
+            description = self.namespaces(context, refresh=True).get(digest)
+        if description is None:
+            raise NotFound(f"namespace {digest.hex()} is not registered on node {self.node}")
+        if not principal.may_see(str(description.get("tenant", ""))):
+            raise PermissionDenied(f"namespace {digest.hex()} belongs to a tenant this token is not scoped to")
+        return description
+
+    def visible(self, principal: Principal, context) -> dict[bytes, dict]:
+        return {d: desc for d, desc in self.namespaces(context, refresh=True).items()
+                if principal.may_see(str(desc.get("tenant", "")))}
+
+    def keys_of(self, query: pb.ChunkQuery, principal: Principal, context) -> tuple[bytes, list[bytes], int]:
+        """(namespace digest, chunk keys, chunk tokens) of a query, validated."""
+        description = self.describe(query.namespace, principal, context)
+        limit = self.cfg.control.max_request_chunks
+        chunk_tokens = int(description.get("chunk_tokens") or 0)
+        given = [name for name in ("token_ids", "chunk_hashes", "token_ids_le32", "chunk_hashes_packed")
+                 if len(getattr(query, name))]
+        if len(given) != 1:
+            raise InvalidArgument("give exactly one of token_ids, token_ids_le32, chunk_hashes, chunk_hashes_packed"
+                                  + (f" (got {', '.join(given)})" if given else ""))
+        if given[0] in ("chunk_hashes", "chunk_hashes_packed"):
+            if given[0] == "chunk_hashes":
+                keys = list(query.chunk_hashes)
+                if any(len(k) != 16 for k in keys):
+                    raise InvalidArgument("every chunk hash must be 16 bytes")
+            else:
+                blob = query.chunk_hashes_packed
+                if len(blob) % 16:
+                    raise InvalidArgument("chunk_hashes_packed must be a multiple of 16 bytes long")
+                keys = [blob[i:i + 16] for i in range(0, len(blob), 16)]
+            if len(keys) > limit:
+                raise InvalidArgument(f"{len(keys)} chunk hashes exceed control.max_request_chunks ({limit})")
+            return query.namespace, keys, chunk_tokens
+        if given[0] == "token_ids_le32":
+            if len(query.token_ids_le32) % 4:
+                raise InvalidArgument("token_ids_le32 must be a multiple of 4 bytes long")
+            n_tokens = len(query.token_ids_le32) // 4
+        else:
+            n_tokens = len(query.token_ids)
+        if not chunk_tokens:
+            raise InvalidArgument(f"namespace {query.namespace.hex()} has no description to hash tokens with "
+                                  f"(recovered from disk?); send chunk hashes")
+        if n_tokens > limit * chunk_tokens:
+            raise InvalidArgument(f"{n_tokens} tokens exceed control.max_request_chunks ({limit}) "
+                                  f"chunks of {chunk_tokens}")
+        namespace = self._hasher(query.namespace, description)
+        if given[0] == "token_ids_le32":
+            tokens = np.frombuffer(query.token_ids_le32, dtype="<u4")
+        else:
+            tokens = np.array(query.token_ids, dtype=np.uint32)
+        return query.namespace, [bytes(k) for k in chunk_keys(namespace, tokens)], chunk_tokens
+
+    def _hasher(self, digest: bytes, description: dict) -> Namespace:
+        """The Namespace whose digest is `digest`, rebuilt from its description (cached)."""
+        namespace = self._hashers.get(digest)
+        if namespace is None:
+            fields = {k: v for k, v in description.items() if k in Namespace.__dataclass_fields__}
+            try:
+                namespace = Namespace(**fields)
+            except (TypeError, KVStoreError):
+                namespace = None
+            if namespace is None or namespace.digest != digest:
+                raise InvalidArgument("the namespace's description does not hash to its digest; send chunk hashes")
+            self._hashers[digest] = namespace
+        return namespace
+
+    # ---- RPCs ------------------------------------------------------------------------------------
+    @_rpc
+    def Lookup(self, request, context, principal):
+        digest, keys, chunk_tokens = self.keys_of(request.query, principal, context)
+        matched, tiers = self.prefix(digest, keys, context)
+        counts = np.bincount(np.frombuffer(tiers, dtype=np.uint8), minlength=len(TIER_NAMES) + 1)
+        for code, name in TIER_NAMES.items():
+            if counts[code]:
+                self.metrics.lookup_chunks.labels(name).inc(int(counts[code]))
+        if len(keys) > matched:
+            self.metrics.lookup_chunks.labels("none").inc(len(keys) - matched)
+        node = pb.NodeMatch(node=self.node, matched_chunks=matched, matched_tokens=matched * chunk_tokens,
+                            tiers=[TIER_TO_PB[t] for t in tiers],
+                            per_tier=[pb.TierCount(tier=TIER_TO_PB[c], chunks=int(counts[c]))
+                                      for c in TIER_NAMES if counts[c]])
+        return pb.LookupResponse(query_chunks=len(keys), matched_chunks=matched,
+                                 matched_tokens=matched * chunk_tokens, chunk_tokens=chunk_tokens,
+                                 nodes=[node] if matched else [])
+
+    @_rpc
+    def Score(self, request, context, principal):
+        digest, keys, chunk_tokens = self.keys_of(request.query, principal, context)
+        matched, _ = self.prefix(digest, keys, context)
+        return pb.ScoreResponse(matched_tokens_by_node={self.node: matched * chunk_tokens})
+
+    @_rpc
+    def Stats(self, request, context, principal):
+        stats = self.call("stats", {}, context)
+        visible = self.visible(principal, context)
+        counters = stats["counters"]
+        hits, misses = counters.get("lookup_hit_chunks", 0), counters.get("lookup_miss_chunks", 0)
+        tiers = []
+        for name, t in stats["tiers"].items():
+            tiers.append(pb.TierStats(tier=TIER_TO_PB[{v: k for k, v in TIER_NAMES.items()}[name]],
+                                      chunks=t.get("chunks", 0),
+                                      used_bytes=t.get("used_bytes", t.get("bytes_used", 0)),
+                                      capacity_bytes=t.get("capacity_bytes", 0),
+                                      pinned_bytes=t.get("pinned_bytes", 0),
+                                      evictions=t.get("evictions", t.get("evicted_chunks", 0))))
+        node = pb.NodeStats(node=self.node, tiers=tiers, counters={k: int(v) for k, v in counters.items()},
+                            namespaces=[pb.NamespaceInfo(digest=d, description={k: str(v) for k, v in desc.items()})
+                                        for d, desc in visible.items()],
+                            hit_rate=hits / (hits + misses) if hits + misses else 0.0)
+        return pb.StatsResponse(nodes=[node])
+
+    @_rpc
+    def Health(self, request, context, principal):
+        try:
+            self.call("hello", {"version": PROTOCOL_VERSION}, context)
+        except KVStoreError as exc:
+            return pb.HealthResponse(status=pb.HealthResponse.NOT_SERVING, message=str(exc),
+                                     nodes={self.node: str(exc)})
+        return pb.HealthResponse(status=pb.HealthResponse.SERVING, nodes={self.node: "serving"})
+
+    @_rpc
+    def ListChunks(self, request, context, principal):
+        if request.pinned_only:
+            raise Unimplemented("pinned_only is not supported yet")
+        if request.tier not in PB_TO_TIER:
+            raise InvalidArgument(f"unknown tier {request.tier}")
+        page_size = request.page_size or 1000
+        if page_size > MAX_PAGE:
+            raise InvalidArgument(f"page_size {page_size} exceeds {MAX_PAGE}")
+        try:
+            start = int(request.page_token or 0)
+        except ValueError:
+            raise InvalidArgument(f"bad page_token {request.page_token!r}") from None
+        if start < 0:
+            raise InvalidArgument(f"bad page_token {request.page_token!r}")
+        if request.node and request.node != self.node:
+            return pb.ListChunksResponse()
+        args: dict = {"tier": PB_TO_TIER[request.tier], "start": start, "limit": page_size}
+        if request.namespace:
+            self.describe(request.namespace, principal, context)
+            args["ns"] = request.namespace
+        reply = self.call("chunks", args, context)
+        visible = self.visible(principal, context) if principal.tenants is not None else None
+        chunks = [pb.ChunkInfo(hash=key, namespace=ns, node=self.node,
+                               tiers=[TIER_TO_PB[t] for t, bit in DIR_BITS.items() if bits & bit])
+                  for key, ns, bits in reply["chunks"] if visible is None or ns in visible]
+        return pb.ListChunksResponse(chunks=chunks, next_page_token=str(reply["next"]) if reply["next"] else "")
+
+    @_rpc
+    def Evict(self, request, context, principal):
+        digest, keys, _ = self.keys_of(request.query, principal, context)
+        unknown = [t for t in request.tiers if t not in _EVICTABLE]
+        if unknown:
+            raise InvalidArgument(f"Evict takes tiers TIER_CPU and TIER_DISK, not {unknown}")
+        tiers = [_EVICTABLE[t] for t in request.tiers] or ["cpu", "disk"]
+        reply = self.call("evict", {"ns": digest, "keys": b"".join(keys), "tiers": tiers}, context)
+        return pb.EvictResponse(cpu_chunks=reply["cpu"], disk_chunks=reply["disk"], pinned_chunks=reply["pinned"])
+
+    @_rpc
+    def Clear(self, request, context, principal):
+        target = request.WhichOneof("target")
+        if target == "namespace":
+            self.describe(request.namespace, principal, context)
+            digests = [request.namespace]
+        elif target == "tenant":
+            if not principal.may_see(request.tenant):
+                raise PermissionDenied(f"this token is not scoped to tenant {request.tenant!r}")
+            digests = [d for d, desc in self.namespaces(context, refresh=True).items()
+                       if str(desc.get("tenant", "")) == request.tenant]
+        else:
+            raise InvalidArgument("Clear needs a namespace or a tenant")
+        cpu = disk = 0
+        for digest in digests:
+            reply = self.call("clear", {"ns": digest}, context)
+            cpu, disk = cpu + reply["cpu"], disk + reply["disk"]
+        return pb.ClearResponse(namespaces=len(digests), cpu_chunks=cpu, disk_chunks=disk)
+
+    @_rpc
+    def Pin(self, request, context, principal):
+        raise Unimplemented("Pin needs agent leases that outlive a connection (cluster issue)")
+
+    @_rpc
+    def Unpin(self, request, context, principal):
+        raise Unimplemented("Unpin needs agent leases that outlive a connection (cluster issue)")
+
+    @_rpc
+    def Move(self, request, context, principal):
+        raise Unimplemented("Move is not implemented on a single node yet")
+
+    @_rpc
+    def Prefetch(self, request, context, principal):
+        raise Unimplemented("Prefetch needs the cluster (remote pulls)")
+
+    def WatchEvents(self, request, context):
+        started = time.perf_counter()
+        try:
+            principal = self.auth.check(context.invocation_metadata())
+            if request.namespace:
+                self.describe(request.namespace, principal, context)
+            since = request.since or self.agent.call("events", {"since": 0, "limit": 1},
+                                                     self.cfg.control.call_timeout_s)["last"]
+            while context.is_active():
+                reply = self.agent.call("events", {"since": since, "limit": 1000}, self.cfg.control.call_timeout_s)
+                dropped = reply["dropped"]
+                for event in reply["events"]:
+                    message = self._event(event, request.namespace, principal, dropped)
+                    if message is not None:
+                        dropped = 0
+                        yield message
+                since = reply["next"]
+                if not reply["events"]:
+                    time.sleep(_WATCH_POLL_S)
+        except Exception as exc:
+            code = status_of(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("WatchEvents failed")
+            self.metrics.rpc_seconds.labels("WatchEvents", code.name).observe(time.perf_counter() - started)
+            context.abort(code, f"WatchEvents: {exc}")
+
+    def _event(self, event: dict, only: bytes, principal: Principal, dropped: int) -> pb.Event | None:
+        digest = event["ns"]
+        if only and digest != only:
+            return None
+        description = self._namespaces.get(digest)
+        if description is None and digest:
+            description = self.namespaces(None, refresh=True).get(digest)
+        if description is None or not principal.may_see(str(description.get("tenant", ""))):
+            return None
+        message = pb.Event(seq=event["seq"], timestamp=event["time"], node=self.node, namespace=digest,
+                           dropped=dropped)
+        blob = event["keys"]
+        hashes = [blob[i:i + 16] for i in range(0, len(blob), 16)]
+        medium = TIER_NAMES.get(event["tier"], "").upper()
+        if event["kind"] == "stored":
+            message.stored.CopyFrom(pb.BlockStored(block_hashes=hashes, medium=medium,
+                                                   block_size=int(description.get("chunk_tokens") or 0)))
+        elif event["kind"] == "removed":
+            message.removed.CopyFrom(pb.BlockRemoved(block_hashes=hashes, medium=medium))
+        else:
+            message.cleared.SetInParent()
+        return message
+
+    def close(self) -> None:
+        self.agent.close()
+
+
+class ControlServer:
+    """A gRPC server with the ControlService (and its metrics endpoint) for the agent at `socket_path`."""
+
+    def __init__(self, cfg: KVStoreConfig, socket_path: str | None = None, auth: TokenAuth | None = None):
+        self.cfg = cfg
+        self.auth = auth or TokenAuth.from_config(cfg)
+        socket_path = socket_path or cfg.socket_path
+        self.metrics = ControllerMetrics(lambda: self.servicer.agent.call("stats", {}, cfg.control.call_timeout_s))
+        self.servicer = ControlServicer(cfg, socket_path, self.auth, self.metrics)
+        # so_reuseport off: a second controller on a taken port must fail, not share it silently
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.control.workers,
+                                                              thread_name_prefix="kvstore-control"),
+                                   options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_ControlServiceServicer_to_server(self.servicer, self._server)
+        self.port = 0
+        self.metrics_port = 0
+
+    def start(self) -> "ControlServer":
+        """Bind and serve; raises OSError if the address (or the metrics address) cannot be bound."""
+        host, _, _ = self.cfg.control.address.rpartition(":")
+        try:
+            self.port = self._server.add_insecure_port(self.cfg.control.address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {self.cfg.control.address}: {exc}") from None
+        if not self.port:
+            raise OSError(f"cannot listen on {self.cfg.control.address}")
+        if self.cfg.control.metrics_address:
+            self.metrics_port = self.metrics.serve(self.cfg.control.metrics_address)
+        self._server.start()
+        self.address = f"{host}:{self.port}"
+        return self
+
+    def stop(self, grace: float = 1.0) -> None:
+        self._server.stop(grace).wait(grace + 1)
+        self.metrics.close()
+        self.servicer.close()
