@@ -4,6 +4,7 @@ stores per node) with a kvstore agent actor on each node, each with its own sock
 from __future__ import annotations
 
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,19 @@ class NodeAgent:
 
         ray.kill(self.handle, no_restart=True)
         self.handle = None
+        # ray.kill only asks: wait until the process is really gone (its socket refuses connections),
+        # so that a test's next call cannot still reach it.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(self.socket_path)
+            except OSError:
+                return
+            finally:
+                probe.close()
+            time.sleep(0.05)
+        raise AssertionError(f"agent at {self.socket_path} still accepts connections 30 s after ray.kill")
 
 
 @dataclass
