@@ -303,13 +303,8 @@ class LocalClient:
         return self._call("prefetch", {"ns": self.namespace.digest, "keys": b"".join(keys)})["missing"]
 
     def _lookup_directory(self, keys: Sequence[bytes]) -> LookupResult:
-        bits = self._directory_bits(keys)
-        misses = np.flatnonzero(bits == 0)
-        matched = int(misses[0]) if misses.size else len(keys)
-        best = bits[:matched]  # the fastest tier holding each chunk
-        codes = np.where(best & DIR_BITS[TIER_GPU], TIER_GPU,
-                         np.where(best & DIR_BITS[TIER_CPU], TIER_CPU, TIER_DISK)).astype(np.uint8)
-        return LookupResult(matched, matched * self.geometry.tokens, codes.tobytes())
+        matched, codes = stored_prefix(self._directory_bits(keys))
+        return LookupResult(matched, matched * self.geometry.tokens, codes)
 
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
         out: list[bool] = []
@@ -400,12 +395,8 @@ class LocalClient:
         (stored, existing, no_space, errors)."""
         existing = sum(1 for o in pending.offsets if o == RESERVE_EXISTS)
         no_space = sum(1 for o in pending.offsets if o == RESERVE_NO_SPACE)
-        if pending.named is not None and not pending.named:
-            with self._credit_lock:  # nothing written: keep the credit for the next put
-                if self._credit is None:
-                    self._credit = pending.credit
-                    return 0, existing, no_space, []
-            self._call("abort", {"rid": pending.rid})
+        if pending.credit is not None and not pending.named:
+            self._keep_credit(pending.credit)  # nothing written: the slots serve the next put
             return 0, existing, no_space, []
         if existing + no_space == len(pending.keys):
             return 0, existing, no_space, []
@@ -423,20 +414,21 @@ class LocalClient:
             args["named"] = pending.named
         sent = time.monotonic()
         result = self._call("commit", args)
-        if result.get("next"):
-            credit = result["next"]
-            offsets_next = [o for o in credit["offsets"] if o >= 0]
-            if len(offsets_next) == len(credit["offsets"]):
-                fresh = {"rid": credit["rid"], "offsets": offsets_next, "size": pending.sizes[0],
-                         "deadline": _lease_deadline(sent, credit["ttl"])}
-                with self._credit_lock:
-                    fresh, self._credit = self._credit, fresh
-            else:  # the arena could not spare them all: give the credit back
-                fresh = {"rid": credit["rid"]}
-            if fresh is not None:
-                self._call("abort", {"rid": fresh["rid"]})
+        granted = result.get("next")
+        if granted and all(o >= 0 for o in granted["offsets"]):
+            self._keep_credit({"rid": granted["rid"], "offsets": granted["offsets"], "size": pending.sizes[0],
+                               "deadline": _lease_deadline(sent, granted["ttl"])})
+        elif granted:  # the arena could not spare them all: give the credit back
+            self._call("abort", {"rid": granted["rid"]})
         return (result["stored"], existing + result.get("existing", 0), no_space,
                 [tuple(e) for e in result["errors"]])
+
+    def _keep_credit(self, credit: dict) -> None:
+        """Hold `credit` for the next put; one held already (another thread's commit) is given back."""
+        with self._credit_lock:
+            credit, self._credit = self._credit, credit
+        if credit is not None:
+            self._call("abort", {"rid": credit["rid"]})
 
     def _credit_sizes(self, sizes: list[int]) -> list[int]:
         """Sizes of the credit to reserve for the next put: like this one, if the chunks have one size,
@@ -456,8 +448,7 @@ class LocalClient:
 
     def _directory_bits(self, keys: Sequence[bytes]) -> np.ndarray:
         """Tier bits of each key in the shared directory; 0 where absent or in another namespace."""
-        values = self.conn.directory.lookup(pack_keys(keys))
-        return np.where((values >= 0) & (values >> 8 == self.ns_id), values & 0xFF, 0)
+        return namespace_bits(self.conn.directory.lookup(pack_keys(keys)), self.ns_id)
 
     # ---- get -------------------------------------------------------------------------------------
     @contextmanager
@@ -547,6 +538,22 @@ class LocalClient:
 
     def stats(self) -> dict:
         return self._call("stats", {})
+
+
+def namespace_bits(values: np.ndarray, ns_id: int) -> np.ndarray:
+    """Tier bits from shared-directory values (ns_id << 8 | bits, -1 if absent); 0 where absent or in
+    another namespace."""
+    return np.where((values >= 0) & (values >> 8 == ns_id), values & 0xFF, 0)
+
+
+def stored_prefix(bits: np.ndarray) -> tuple[int, bytes]:
+    """(chunks stored from the first, wire tier code of each: the fastest tier holding it) from tier bits."""
+    misses = np.flatnonzero(bits == 0)
+    matched = int(misses[0]) if misses.size else len(bits)
+    best = bits[:matched]
+    codes = np.where(best & DIR_BITS[TIER_GPU], TIER_GPU,
+                     np.where(best & DIR_BITS[TIER_CPU], TIER_CPU, TIER_DISK)).astype(np.uint8)
+    return matched, codes.tobytes()
 
 
 def credit_fits(credit: dict, sizes: list[int]) -> bool:

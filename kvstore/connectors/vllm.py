@@ -35,6 +35,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from .. import codec
 from ..client import LocalClient
 from ..errors import AgentUnavailable, InvalidArgument, KVStoreError
 from ..keys import Namespace, chunk_keys, fold_block_hashes
@@ -112,21 +113,20 @@ def settings_from_vllm(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfi
     key_source = str(extra.get("key_source", "auto"))
     if key_source not in ("auto", "block_hashes", "tokens"):
         raise InvalidArgument(f"key_source must be auto, block_hashes or tokens, not {key_source!r}")
+    problem = hash_settings_problem(vllm_config)
     if key_source == "auto":
-        problem = hash_settings_problem(vllm_config)
         if problem:
             log.warning("kvstore: vLLM block hashes are not reproducible across processes (%s); keying chunks "
                         "by token ids instead (requests with images, LoRA or a cache salt are then not cached)",
                         problem)
         key_source = "tokens" if problem else "block_hashes"
-    elif key_source == "block_hashes" and hash_settings_problem(vllm_config):
-        log.warning("kvstore: %s; other engine processes will not hit this one's chunks",
-                    hash_settings_problem(vllm_config))
+    elif key_source == "block_hashes" and problem:
+        log.warning("kvstore: %s; other engine processes will not hit this one's chunks", problem)
     mla = bool(getattr(model_config, "use_mla", False))
-    page_format = cpu_page_format(vllm_config, kv_dtype, block_size, model_config.get_head_size())
+    head_dim = model_config.get_head_size()
+    page_format = cpu_page_format(vllm_config, kv_dtype, block_size, head_dim)
     layers = len(groups[0].layer_names)
     heads = 1 if mla else model_config.get_num_kv_heads(parallel)
-    head_dim = model_config.get_head_size()
     namespace = Namespace(
         model=model_id, kv_dtype=kv_dtype, layout=page_format or "canonical",
         tp_rank=parallel.rank % max(parallel.tensor_parallel_size, 1) if hasattr(parallel, "rank") else 0,
@@ -273,6 +273,7 @@ class _Tracked:
     """Scheduler-side state of one live request."""
 
     request: "Request"
+    keys: list[bytes] = field(default_factory=list)  # of the full chunks so far (_SchedulerSide.keys)
     block_ids: list[int] = field(default_factory=list)
     stored_chunks: int = 0  # chunks known stored or handed to a save, from the start of the request
     load: tuple[int, int, bool] | None = None  # (token_start, token_end, async) planned, not yet sent
@@ -356,16 +357,21 @@ class _SchedulerSide:
         self.settings = settings
         self.agent = _AgentLink(settings, "scheduler")
         self.requests: dict[str, _Tracked] = {}
-        self.lookups = self.hit_tokens = 0
 
-    def keys(self, request: "Request") -> list[bytes]:
-        """Chunk keys of every full chunk of the request's tokens so far."""
-        s = self.settings
+    def keys(self, tracked: _Tracked) -> list[bytes]:
+        """Chunk keys of every full chunk of the request's tokens so far; computed again only when the
+        request has grown by a chunk (lookups and load and save plans all ask)."""
+        s, request = self.settings, tracked.request
         if s.key_source == "block_hashes":
-            return fold_block_hashes(s.namespace, request.block_hashes, s.blocks_per_chunk)
-        if request.mm_features or request.lora_request is not None or request.cache_salt:
+            available = len(request.block_hashes) // s.blocks_per_chunk
+        elif request.mm_features or request.lora_request is not None or request.cache_salt:
             return []  # token ids alone do not identify this KV
-        return chunk_keys(s.namespace, request.all_token_ids)
+        else:
+            available = len(request.all_token_ids) // s.namespace.chunk_tokens
+        if len(tracked.keys) != available:
+            tracked.keys = (fold_block_hashes(s.namespace, request.block_hashes, s.blocks_per_chunk)
+                            if s.key_source == "block_hashes" else chunk_keys(s.namespace, request.all_token_ids))
+        return tracked.keys
 
     def matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
         tracked = self.requests.setdefault(request.request_id, _Tracked(request))
@@ -373,22 +379,20 @@ class _SchedulerSide:
         # The last prompt token is always computed (its logits give the first output token); the
         # scheduler expects block-aligned counts.
         limit = (request.num_tokens - 1) // self.settings.block_size * self.settings.block_size
-        keys = self.keys(request)[: -(-limit // chunk)]
+        keys = self.keys(tracked)[: -(-limit // chunk)]
         try:
             hit = self.agent.run(lambda client: client.lookup(keys)) if keys else None
         except KVStoreError:
             return 0, False  # no agent (warned once): computed normally
-        self.lookups += 1
         stored = hit.chunks if hit else 0
         tracked.stored_chunks = max(tracked.stored_chunks, stored)
         matched = min(stored * chunk, limit)
         if matched <= num_computed_tokens:
             return 0, False
-        first = num_computed_tokens // chunk
-        from_disk = any(t != "cpu" and t != "gpu" for t in hit.tiers[first:])
-        tracked.load = (num_computed_tokens, matched, from_disk)
-        self.hit_tokens += matched - num_computed_tokens
-        return matched - num_computed_tokens, from_disk
+        # Chunks on disk (or on another node) must come up first: load them asynchronously.
+        must_fetch = any(t not in ("cpu", "gpu") for t in hit.tiers[num_computed_tokens // chunk:])
+        tracked.load = (num_computed_tokens, matched, must_fetch)
+        return matched - num_computed_tokens, must_fetch
 
     def after_alloc(self, request: "Request", block_ids: list[int], num_external_tokens: int) -> None:
         tracked = self.requests.setdefault(request.request_id, _Tracked(request))
@@ -408,7 +412,7 @@ class _SchedulerSide:
             start, end, is_async = tracked.load
             tracked.load = None
             first, last = start // chunk, -(-end // chunk)
-            keys = self.keys(tracked.request)[first:last]
+            keys = self.keys(tracked)[first:last]
             meta.loads.append(LoadSpec(req_id, keys, first, start, end, list(tracked.block_ids), is_async))
         if not self.settings.save:
             return meta
@@ -435,7 +439,7 @@ class _SchedulerSide:
             full = min(computed // chunk, len(tracked.block_ids) * self.settings.block_size // chunk)
             if full <= tracked.stored_chunks:
                 continue
-            keys = self.keys(tracked.request)[tracked.stored_chunks:full]
+            keys = self.keys(tracked)[tracked.stored_chunks:full]
             if keys:
                 meta.saves.append(SaveSpec(req_id, keys, tracked.stored_chunks, list(tracked.block_ids)))
                 tracked.stored_chunks += len(keys)
@@ -535,8 +539,6 @@ class _WorkerSide:
         geometry = self.settings.geometry
         if header.codec == "raw":
             return payload.view(geometry.torch_dtype).view(geometry.shape)
-        from .. import codec
-
         return codec.decode(header, payload)
 
     def _async_load_loop(self) -> None:
@@ -601,9 +603,11 @@ class _WorkerSide:
                             gather(self.layers, self.layout, self.layout.rows(spec.block_ids, (first + i) * chunk,
                                                                               chunk), out[i])
                         self._commits.put((client, (keys, out)))
-                except KVStoreError as exc:
+                except AgentUnavailable as exc:
                     self.agent.failed(exc)
                     return
+                except KVStoreError as exc:  # a lost save is only a future miss
+                    log.warning("kvstore: save of request %s skipped (%s)", spec.req_id, exc)
 
     def _commit_loop(self) -> None:
         while True:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import grpc
 import numpy as np
 
-from ..client import AgentConnection
+from ..client import AgentConnection, namespace_bits, stored_prefix
 from ..config import KVStoreConfig
 from ..errors import AgentUnavailable, CapacityExhausted, InvalidArgument, KVStoreError, NotFound
 from ..keys import Namespace, chunk_keys
@@ -41,6 +41,7 @@ PB_TO_TIER = {v: k for k, v in TIER_TO_PB.items()}
 _EVICTABLE = {pb.TIER_CPU: "cpu", pb.TIER_DISK: "disk"}
 MAX_PAGE = 10_000
 _WATCH_POLL_S = 0.05  # how often a watcher asks the agent for new events when there were none
+_TIER_BY_NAME = {name: code for code, name in TIER_NAMES.items()}
 
 
 class PermissionDenied(Exception):
@@ -127,7 +128,7 @@ class AgentPool:
                 conn.close()
                 self._directory_conn = None
                 return None
-        return np.where((values >= 0) & (values >> 8 == ns_id), values & 0xFF, 0)
+        return namespace_bits(values, ns_id)
 
     def close(self) -> None:
         with self._directory_lock:
@@ -202,12 +203,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         if bits is None:
             reply = self.call("lookup", {"ns": digest, "keys": b"".join(keys)}, context)
             return reply["matched"], reply["tiers"]
-        misses = np.flatnonzero(bits == 0)
-        matched = int(misses[0]) if misses.size else len(keys)
-        best = bits[:matched]
-        codes = np.where(best & DIR_BITS[TIER_GPU], TIER_GPU,
-                         np.where(best & DIR_BITS[TIER_CPU], TIER_CPU, TIER_DISK)).astype(np.uint8)
-        return matched, codes.tobytes()
+        return stored_prefix(bits)
 
     def describe(self, digest: bytes, principal: Principal, context) -> dict:
         """The namespace's description, if it exists and the caller may see its tenant."""
@@ -266,7 +262,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             tokens = np.frombuffer(query.token_ids_le32, dtype="<u4")
         else:
             tokens = np.array(query.token_ids, dtype=np.uint32)
-        return query.namespace, [bytes(k) for k in chunk_keys(namespace, tokens)], chunk_tokens
+        return query.namespace, chunk_keys(namespace, tokens), chunk_tokens
 
     def _hasher(self, digest: bytes, description: dict) -> Namespace:
         """The Namespace whose digest is `digest`, rebuilt from its description (cached)."""
@@ -315,7 +311,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         hits, misses = counters.get("lookup_hit_chunks", 0), counters.get("lookup_miss_chunks", 0)
         tiers = []
         for name, t in stats["tiers"].items():
-            tiers.append(pb.TierStats(tier=TIER_TO_PB[{v: k for k, v in TIER_NAMES.items()}[name]],
+            tiers.append(pb.TierStats(tier=TIER_TO_PB[_TIER_BY_NAME[name]],
                                       chunks=t.get("chunks", 0),
                                       used_bytes=t.get("used_bytes", t.get("bytes_used", 0)),
                                       capacity_bytes=t.get("capacity_bytes", 0),
