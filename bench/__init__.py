@@ -73,6 +73,8 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
         from .lookup import run
     elif name == "e2e":
         from .e2e import run
+    elif name == "cluster":
+        from .cluster import run
     elif name == "control":
         from .control import run
     else:

@@ -33,30 +33,22 @@ LOOKUP_SAMPLES = 1000
 NODE_NAMES = "abcdefgh"
 
 
-def _geometry(spec: str):
-    from kvstore.layout import Geometry
-
-    fields = dict(item.split("=") for item in spec.split(","))
-    dtype = {"bf16": "bfloat16", "fp16": "float16", "f16": "float16", "fp32": "float32"}.get(fields["dtype"],
-                                                                                          fields["dtype"])
-    return Geometry(layers=int(fields["layers"]), heads=int(fields["heads"]), head_dim=int(fields["head_dim"]),
-                    tokens=int(fields["tokens"]), dtype=dtype)
-
-
 def run(args: argparse.Namespace) -> dict:
     if not 2 <= args.nodes <= len(NODE_NAMES):
         raise ValueError(f"--nodes must be in [2, {len(NODE_NAMES)}]")
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every Ray process on 127.0.0.1
+    from kvstore.cluster import pin_ray_to_loopback, start_agent, stop_agent
+
+    pin_ray_to_loopback()  # before Ray's first import: every Ray process on 127.0.0.1
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     from ray.cluster_utils import Cluster
 
     from kvstore.client import LocalClient
-    from kvstore.cluster import start_agent, stop_agent
     from kvstore.config import load_config
     from kvstore.keys import Namespace
+    from kvstore.layout import Geometry
 
-    geometry = _geometry(args.geometry)
+    geometry = Geometry.parse(args.geometry)
     chunk_bytes = geometry.nbytes
     per_get = args.chunks or max(4, min(32, (96 << 20) // chunk_bytes))
     arena = max(256 << 20, 3 * per_get * (chunk_bytes + 4096))

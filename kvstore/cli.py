@@ -122,12 +122,7 @@ def cmd_config(args) -> int:
 def cmd_bench(args) -> int:
     from bench import run_benchmark
 
-    if args.name == "cluster":
-        from bench.cluster import run
-
-        result = run(args)
-    else:
-        result = run_benchmark(args.name, args)
+    result = run_benchmark(args.name, args)
     if args.json:
         print(json.dumps(result))
     else:

@@ -24,7 +24,7 @@ from ray.exceptions import GetTimeoutError, RayError
 
 from ..config import ClusterConfig, KVStoreConfig
 from ..errors import NotFound
-from ..node import DIR_BITS, TIER_DISK, TIER_NONE, TIER_REMOTE, AgentServer, NodeStore, _arg
+from ..node import TIER_DISK, TIER_NONE, TIER_REMOTE, AgentServer, NodeStore, _arg
 from ..protocol import split_keys
 from .chunks import PULL_CONN, REPLICA_CONN, export_chunks, import_chunks
 from .directory import DirectoryShard, Holders, best_tier
@@ -34,6 +34,22 @@ log = logging.getLogger("kvstore.cluster")
 
 AGENT_PREFIX = "agent-"
 _PUBLISH_LINGER_S = 0.002  # gather holdings changes this long into one batch per owner
+
+
+def _by_owner(blob: bytes, members: list[str]):
+    """(owner node, indexes of its keys) for every directory owner of the 16-byte keys in `blob`."""
+    if not blob:
+        return
+    owner = owners(blob, members)
+    for m, node in enumerate(members):
+        picked = np.flatnonzero(owner == m)
+        if picked.size:
+            yield node, picked
+
+
+def _pick_keys(blob: bytes, picked: np.ndarray) -> bytes:
+    """The keys at `picked` of a blob of 16-byte keys, as one blob (one numpy gather)."""
+    return np.frombuffer(blob, dtype="V16")[picked].tobytes()
 
 
 def agent_name(node_id: str) -> str:
@@ -199,23 +215,18 @@ class ClusterNode:
     def _send_updates(self, keys: list[bytes], bits: bytes) -> None:
         """One batch per directory owner, all in flight at once, with a deadline. An owner that fails
         loses the batch; the directory is rebuilt when membership changes (it is advice, not truth)."""
-        members = self.members()
         blob = b"".join(keys)
-        owner = owners(blob, members)
         bits_array = np.frombuffer(bits, dtype=np.uint8)
         refs = []
-        for m, node in enumerate(members):
-            picked = np.flatnonzero(owner == m)
-            if not picked.size:
-                continue
-            node_keys = [keys[i] for i in picked.tolist()]
+        for node, picked in _by_owner(blob, self.members()):
             node_bits = bits_array[picked]
             if node == self.node:
-                self.shard.apply(self.node, node_keys, node_bits.tolist())
+                self.shard.apply(self.node, [keys[i] for i in picked.tolist()], node_bits.tolist())
                 continue
             peer = self._peer(node)
             if peer is not None:
-                refs.append(peer.handle.apply_updates.remote(self.node, b"".join(node_keys), node_bits.tobytes()))
+                refs.append(peer.handle.apply_updates.remote(self.node, _pick_keys(blob, picked),
+                                                             node_bits.tobytes()))
         if refs:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.call_timeout_s)
             self.counters["directory_updates_lost"] += len(refs) - len(ready)
@@ -223,28 +234,18 @@ class ClusterNode:
 
     def wait_published(self, timeout: float) -> bool:
         """Until every holdings change so far has reached its directory owner (or `timeout`)."""
-        deadline = time.monotonic() + timeout
         with self._publish_cv:
-            while self._pending or self._publishing:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._publish_cv.wait(min(left, 0.05))
-        return True
+            return self._publish_cv.wait_for(lambda: not (self._pending or self._publishing), timeout)
 
     # ---- directory: lookups ----------------------------------------------------------------------
     def holders(self, keys: list[bytes], deadline: float) -> tuple[list[Holders], int]:
         """Holders of each key other than this node, asked of every owner at once. Returns the holder
         maps and how many keys could not be answered (owner gone or late: no holder known)."""
-        members = self.members()
         blob = b"".join(keys)
-        owner = owners(blob, members) if keys else np.zeros(0, dtype=np.int64)
         result: list[Holders] = [{} for _ in keys]
         calls = []
-        for m, node in enumerate(members):
-            picked = np.flatnonzero(owner == m).tolist()
-            if not picked:
-                continue
+        for node, picked_array in _by_owner(blob, self.members()):
+            picked = picked_array.tolist()
             if node == self.node:
                 answers = self.shard.lookup(keys[i] for i in picked)
                 for i, holders in zip(picked, answers):
@@ -254,7 +255,7 @@ class ClusterNode:
             if peer is None:
                 calls.append((picked, None))
             else:
-                calls.append((picked, peer.handle.lookup_holders.remote(b"".join(keys[i] for i in picked))))
+                calls.append((picked, peer.handle.lookup_holders.remote(_pick_keys(blob, picked_array))))
         unanswered = 0
         refs = [ref for _, ref in calls if ref is not None]
         ready = set()
@@ -346,11 +347,14 @@ class ClusterNode:
         holders, unanswered = self.holders([keys[i] for i in wanted], deadline)
         reasons: dict[int, str] = {}
         plan: dict[int, list[str]] = {}  # index -> holders, best first
+        with self._members_lock:
+            rtt = {node: peer.rtt_s for node, peer in self._peers.items()}
         for i, candidates in zip(wanted, holders):
             if not candidates:
                 reasons[i] = "directory_unavailable" if unanswered else "not_found"
                 continue
-            plan[i] = sorted(candidates, key=lambda n: (best_tier(candidates[n]) == TIER_DISK, self._rtt(n)))
+            plan[i] = sorted(candidates, key=lambda n: (best_tier(candidates[n]) == TIER_DISK,
+                                                        rtt.get(n, float("inf"))))
         if prefix and reasons:  # beyond the first chunk nobody holds, a prefix read stops anyway
             first_gap = min(reasons)
             plan = {i: c for i, c in plan.items() if i < first_gap}
@@ -404,10 +408,6 @@ class ClusterNode:
         for i in got:
             reasons.pop(i, None)
         return got, reasons
-
-    def _rtt(self, node: str) -> float:
-        peer = self._peer(node)
-        return peer.rtt_s if peer is not None else float("inf")
 
     def prefetch(self, digest: bytes, keys: list[bytes]) -> int:
         """Start pulling the chunks among `keys` missing here, in the background; returns how many are
@@ -482,14 +482,8 @@ class ClusterNode:
         return len(held)
 
     def wait_replicated(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
         with self._replicate_cv:
-            while self._replicate or self._replicating:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._replicate_cv.wait(min(left, 0.05))
-        return True
+            return self._replicate_cv.wait_for(lambda: not (self._replicate or self._replicating), timeout)
 
     def stats(self) -> dict:
         return {"node": self.node, "members": self.members(), "directory_keys": len(self.shard),
@@ -586,12 +580,6 @@ class ClusterAgent:
 
     def resync(self) -> None:
         self.cluster._queue_holdings()
-
-    def lookup(self, digest: bytes, blob: bytes) -> dict:
-        return self.cluster.lookup(digest, blob)
-
-    def stats(self) -> dict:
-        return {**self.store.stats(), "cluster": self.cluster.stats()}
 
     def stop(self) -> None:
         """Stop serving and release the arena and files (the actor process may then be killed)."""
