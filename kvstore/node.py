@@ -181,7 +181,7 @@ class NodeStore:
             bits = (current & 0xFF if current >= 0 else 0) | bit
             self.directory.set(low, high, ns_id << 8 | bits)
             changed.append(bits)
-        self._event("stored", ns_id, tier, list(keys))
+        self._event("stored", ns_id, tier, keys)
         if self.on_holdings_change is not None and changed:
             self.on_holdings_change(list(keys), changed)
 
@@ -207,11 +207,11 @@ class NodeStore:
         if self.on_holdings_change is not None and gone:
             self.on_holdings_change(gone, left)
 
-    def _event(self, kind: str, ns_id: int, tier: int, keys: list[bytes]) -> None:
-        """Append to the event feed (caller holds the lock)."""
+    def _event(self, kind: str, ns_id: int, tier: int, keys) -> None:
+        """Append to the event feed (caller holds the lock); the keys are kept as one blob, as sent."""
         if keys or kind == "cleared":
             self._event_seq += 1
-            self._events.append((self._event_seq, time.time(), kind, ns_id, tier, keys))
+            self._events.append((self._event_seq, time.time(), kind, ns_id, tier, b"".join(keys)))
 
     def events(self, since: int, limit: int = 1000) -> dict:
         """Events after seq `since` (at most `limit`); `next` is the seq to ask from next time and
@@ -220,28 +220,22 @@ class NodeStore:
             first = self._events[0][0] if self._events else self._event_seq + 1
             dropped = max(0, first - since - 1)
             out = []
-            for seq, at, kind, ns_id, tier, keys in self._events:
-                if seq <= since:
-                    continue
-                if len(out) >= limit:
-                    break
+            skip = max(0, since + 1 - first)  # sequence numbers in the ring are consecutive
+            for seq, at, kind, ns_id, tier, keys in itertools.islice(self._events, skip, skip + limit):
                 info = self._ns_by_id[ns_id] if 0 < ns_id < len(self._ns_by_id) else None
                 out.append({"seq": seq, "time": at, "kind": kind, "ns": info.digest if info else b"",
-                            "tier": tier, "keys": b"".join(keys)})
+                            "tier": tier, "keys": keys})
             return {"events": out, "next": out[-1]["seq"] if out else max(since, self._event_seq),
                     "dropped": dropped, "last": self._event_seq}
 
     def chunks(self, digest: bytes | None, tier: int, start: int, limit: int) -> dict:
         """One page of the chunks held in registered namespaces, sorted by key: [key, namespace digest,
         tier bits] from position `start`, at most `limit`, filtered by namespace and tier (0: any)."""
-        keys, bits = self.holdings()
-        if not keys:
-            return {"chunks": [], "next": 0}
+        keys, values = self._held()
         with self.lock:
-            values = self.directory.lookup(pack_keys(keys))
             rows = []
             for key, value in sorted(zip(keys, values.tolist())):
-                if value < 0 or (tier and not value & DIR_BITS.get(tier, 0)):
+                if tier and not value & DIR_BITS.get(tier, 0):
                     continue
                 info = self._ns_by_id[value >> 8] if 0 < value >> 8 < len(self._ns_by_id) else None
                 if info is None or (digest is not None and info.digest != digest):
@@ -735,6 +729,11 @@ class NodeStore:
     def holdings(self) -> tuple[list[bytes], np.ndarray]:
         """Every key this node holds in a registered namespace, with its tier bits (as in the node
         directory): what a cluster directory is rebuilt from."""
+        keys, values = self._held()
+        return keys, values & 0xFF
+
+    def _held(self) -> tuple[list[bytes], np.ndarray]:
+        """Every key held in a registered namespace, with its node-directory value (ns_id << 8 | bits)."""
         with self.lock:
             keys = self.cpu.keys_in_namespaces(list(range(1, len(self._ns_by_id))))
         if self.disk is not None:
@@ -744,7 +743,7 @@ class NodeStore:
         with self.lock:
             values = self.directory.lookup(pack_keys(keys))
         held = values >= 0
-        return [key for key, h in zip(keys, held.tolist()) if h], values[held] & 0xFF
+        return [key for key, h in zip(keys, held.tolist()) if h], values[held]
 
     def stats(self) -> dict:
         with self.lock:

@@ -14,12 +14,13 @@ import sys
 import time
 
 import grpc
-import numpy as np
 from google.protobuf.json_format import MessageToDict
 
+from ..cli import EXIT_AUTH, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _load
+from ..errors import InvalidArgument
+from ..keys import as_token_array
 from ..proto import kvstore_pb2 as pb
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_AUTH = 0, 1, 2, 3
 _EXIT_BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE,
     grpc.StatusCode.UNAUTHENTICATED: EXIT_AUTH,
@@ -90,10 +91,9 @@ def add_commands(sub, add_config_args, func) -> None:
 
 
 def run(args) -> int:
-    from ..config import load_config
     from .client import ControlClient, resolve_token
 
-    cfg = load_config(args.config, overrides=args.set)
+    cfg = _load(args)
     token = resolve_token(args.token, cfg.control.token)
     address = args.address or cfg.control.address
     with ControlClient(address, token, timeout=args.timeout) as client:
@@ -173,12 +173,10 @@ def _query(client, args) -> pb.ChunkQuery:
     if not tokens:
         raise UsageError("give token ids, --text with --tokenizer, or --hashes")
     try:
-        packed = np.asarray(tokens, dtype=np.int64)
-        if packed.size and (packed.min() < 0 or packed.max() >= 1 << 32):
-            raise ValueError
-    except (ValueError, OverflowError):
+        packed = as_token_array(tokens)
+    except (InvalidArgument, ValueError, OverflowError):
         raise UsageError("token ids must be integers in [0, 2^32)") from None
-    return pb.ChunkQuery(namespace=namespace, token_ids_le32=packed.astype("<u4").tobytes())
+    return pb.ChunkQuery(namespace=namespace, token_ids_le32=packed.tobytes())
 
 
 def _table(title: str, columns: list[str]):
