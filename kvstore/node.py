@@ -173,14 +173,13 @@ class NodeStore:
     # ---- the shared directory --------------------------------------------------------------------
     def _publish(self, keys, tier: int, ns_id: int) -> None:
         """Record that `tier` holds `keys` (caller holds the lock)."""
-        bit = DIR_BITS[tier]
-        changed = []
-        for key in keys:
+        if not keys:
+            return
+        current = self.directory.lookup(pack_keys(keys))  # one vectorised read, then a set per key
+        changed = (np.where(current >= 0, current & 0xFF, 0) | DIR_BITS[tier]).tolist()
+        for key, bits in zip(keys, changed):
             low, high = _KEY_HALVES.unpack(key)
-            current = self.directory.get(low, high)
-            bits = (current & 0xFF if current >= 0 else 0) | bit
             self.directory.set(low, high, ns_id << 8 | bits)
-            changed.append(bits)
         self._event("stored", ns_id, tier, keys)
         if self.on_holdings_change is not None and changed:
             self.on_holdings_change(list(keys), changed)
@@ -352,7 +351,7 @@ class NodeStore:
         slots are freed, and a named key that is stored by now counts as existing (its slot is freed).
         `renew`: sizes of a new credit to reserve in the same round trip."""
         errors: list[list] = []
-        stored = existing = 0
+        existing = 0
         stored_keys: list[bytes] = []
         with self.lock:
             reservation = self._reservations.pop(rid, None)
@@ -360,19 +359,9 @@ class NodeStore:
                 raise NotFound(f"reservation {rid} is unknown or expired")
             info = self._ns_by_id[reservation.ns_id]
             assert info is not None
-            admit = self.disk is not None and self.cfg.disk.admission == "always"
             items = reservation.items
             if any(key is None for _, key, _, _ in items):  # a credit: the client names the keys now
-                items = []
-                for index, _, offset, nbytes in reservation.items:
-                    key = (named or {}).get(index)
-                    if not isinstance(key, bytes) or len(key) != 16:
-                        self.cpu.release_slot(offset)  # unused (or unnamed) credit slot
-                    elif key in self._inflight or self.cpu.contains([key])[0] or self._disk_has([key], info.digest)[0]:
-                        self.cpu.release_slot(offset)  # stored meanwhile: first writer wins
-                        existing += 1
-                    else:
-                        items.append((index, key, offset, nbytes))
+                items, existing = self._name_credit(info, items, named or {})
             for index, key, offset, nbytes in items:
                 self._inflight.discard(key)
                 try:
@@ -384,19 +373,42 @@ class NodeStore:
                     self.counters.add("commit_rejected")
                     continue
                 if self.cpu.insert(key, offset, nbytes, info.ns_id):
-                    self._publish([key], TIER_CPU, info.ns_id)
-                    stored += 1
                     stored_keys.append(key)
-                    if admit:
-                        self._enqueue(int(self.cpu.find([key])[0]), key)
-            self.counters.add("chunks_stored", stored)
+                else:  # the same key twice in one commit: first writer wins
+                    existing += 1
+            if stored_keys:  # one directory update, event and write-behind pass for the whole batch
+                self._publish(stored_keys, TIER_CPU, info.ns_id)
+                if self.disk is not None and self.cfg.disk.admission == "always":
+                    for eid, key in zip(self.cpu.find(stored_keys).tolist(), stored_keys):
+                        self._enqueue(eid, key)
+            self.counters.add("chunks_stored", len(stored_keys))
         if self.on_commit is not None and stored_keys:
             self.on_commit(conn, info.digest, stored_keys)
-        result = {"stored": stored, "existing": existing, "errors": errors}
+        result = {"stored": len(stored_keys), "existing": existing, "errors": errors}
         if renew:
             credit = self.reserve(conn, info.digest, None, renew)
             result["next"] = {"rid": credit["rid"], "offsets": credit["offsets"], "ttl": credit["ttl"]}
         return result
+
+    def _name_credit(self, info: _NamespaceInfo, items: list, named: dict) -> tuple[list, int]:
+        """The (index, key, offset, nbytes) items of a credit reservation whose slots the client named
+        with a key not stored yet, and how many named keys were stored meanwhile (first writer wins).
+        Every other slot goes back to the arena (caller holds the lock)."""
+        keys = [named.get(index) for index, _, _, _ in items]
+        valid = [isinstance(key, bytes) and len(key) == 16 for key in keys]
+        candidates = [key for key, ok in zip(keys, valid) if ok]
+        stored = iter(self.cpu.contains(candidates) | self._disk_has(candidates, info.digest)
+                      if candidates else ())
+        kept, existing = [], 0
+        for (index, _, offset, nbytes), key, ok in zip(items, keys, valid):
+            if not ok:
+                self.cpu.release_slot(offset)  # unused (or unnamed) credit slot
+            elif next(stored) or key in self._inflight:
+                self.cpu.release_slot(offset)
+                existing += 1
+            else:
+                kept.append((index, key, offset, nbytes))
+        return kept, existing
 
     def abort(self, conn: int, rid: int) -> None:
         with self.lock:
