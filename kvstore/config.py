@@ -88,6 +88,8 @@ class ClusterConfig:
     object_store_bytes: int = 256 << 20  # the embedded Ray's object store
 
 
+    peer_link: bool = True  # lookups and pulls between agents over direct TCP links (false: Ray actor calls)
+    link_host: str = ""  # address the link listens on; "": this Ray node's IP address
 @dataclass(frozen=True)
 class ControlConfig:
     enabled: bool = True  # `kvstore serve` also runs the gRPC controller (docs/control.md)

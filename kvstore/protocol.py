@@ -65,6 +65,22 @@ class FrameReader:
             if self._start == self._end:
                 self._start = self._end = 0
 
+    def read_into(self, view: memoryview) -> None:
+        """Fill `view` with the raw bytes that follow the last frame (a chunk streamed after its reply
+        frame): first what is already buffered, then straight from the socket into `view`."""
+        view = view.cast("B")
+        buffered = min(len(view), self._end - self._start)
+        view[:buffered] = self._buf[self._start:self._start + buffered]
+        self._start += buffered
+        if self._start == self._end:
+            self._start = self._end = 0
+        got = buffered
+        while got < len(view):
+            received = self.sock.recv_into(view[got:])
+            if received == 0:
+                raise ConnectionClosed("connection closed inside a chunk")
+            got += received
+
     def _want(self, nbytes: int) -> None:
         """Receive until `nbytes` unread bytes are buffered."""
         while self._end - self._start < nbytes:

@@ -23,10 +23,11 @@ import ray
 from ray.exceptions import GetTimeoutError, RayError
 
 from ..config import ClusterConfig, KVStoreConfig
-from ..errors import NotFound
+from ..errors import KVStoreError, NotFound
 from ..node import TIER_DISK, TIER_NONE, TIER_REMOTE, AgentServer, NodeStore, _arg
 from ..protocol import split_keys
 from .chunks import PULL_CONN, REPLICA_CONN, export_chunks, import_chunks
+from .link import LinkError, LinkServer, PeerLink, failure, receive_chunks
 from .directory import DirectoryShard, Holders, best_tier
 from .placement import owners, replica_targets
 
@@ -62,6 +63,7 @@ class Peer:
     handle: Any  # ray ActorHandle
     incarnation: str  # random per agent start: a restarted agent is a new member
     rtt_s: float  # smoothed ping round trip: "nearest" among replicas
+    link: PeerLink | None = None  # direct connections for lookups and pulls (link.py); None: Ray calls
 
 
 class ClusterNode:
@@ -85,11 +87,16 @@ class ClusterNode:
         self._pulling: dict[bytes, threading.Event] = {}  # keys some request is pulling right now
         self._pulling_lock = threading.Lock()
         self._stopping = threading.Event()
+        self._link_secret = secrets.token_hex(16)
+        self.link_server: LinkServer | None = None
         self._threads = [threading.Thread(target=loop, name=f"kvstore-{name}", daemon=True)
                          for name, loop in (("membership", self._membership_loop), ("publisher", self._publish_loop),
                                             ("replicator", self._replicate_loop))]
 
     def start(self) -> "ClusterNode":
+        if self.cfg.peer_link:
+            host = self.cfg.link_host or ray.util.get_node_ip_address()
+            self.link_server = LinkServer(self, host, self._link_secret, self.cfg.pull_timeout_s).start()
         self.store.on_holdings_change = self._holdings_changed
         self.store.on_commit = self._committed
         try:  # know the members before the first publication, so it goes to the right owners
@@ -110,6 +117,18 @@ class ClusterNode:
             self._replicate_cv.notify_all()
         for thread in self._threads:
             thread.join(timeout=5)
+        if self.link_server is not None:
+            self.link_server.stop()
+        with self._members_lock:
+            peers, self._peers = self._peers, {}
+        for peer in peers.values():
+            if peer.link is not None:
+                peer.link.close()
+
+    def ping_reply(self) -> tuple[str, list | None]:
+        """What a ping answers: this agent's incarnation and its link (host, port, secret) if any."""
+        server = self.link_server
+        return self.incarnation, None if server is None else [server.host, server.port, self._link_secret]
 
     # ---- membership ------------------------------------------------------------------------------
     def members(self) -> list[str]:
@@ -159,17 +178,22 @@ class ClusterNode:
                     self.counters["peer_ping_timeouts"] += 1
                     continue
                 try:
-                    incarnation = ray.get(ref, timeout=0)
+                    incarnation, link = ray.get(ref, timeout=0)
                 except (RayError, TimeoutError):
                     continue
                 rtt = time.perf_counter() - sent
                 old = known.get(node)
-                smooth = rtt if old is None or old.incarnation != incarnation else 0.8 * old.rtt_s + 0.2 * rtt
-                alive[node] = Peer(node, candidates[node], incarnation, smooth)
+                if old is not None and old.incarnation == incarnation:
+                    alive[node] = Peer(node, candidates[node], incarnation, 0.8 * old.rtt_s + 0.2 * rtt, old.link)
+                else:
+                    alive[node] = Peer(node, candidates[node], incarnation, rtt, self._link_to(node, link))
         departed = [n for n, p in known.items() if n not in alive or alive[n].incarnation != p.incarnation]
         joined = [n for n, p in alive.items() if n not in known or known[n].incarnation != p.incarnation]
         with self._members_lock:
             self._peers = alive
+        for node in departed:
+            if known[node].link is not None:
+                known[node].link.close()
         if not departed and not joined:
             return
         log.info("agent %s: members now %s (joined %s, departed %s)", self.node[:8],
@@ -181,6 +205,12 @@ class ClusterNode:
         self._queue_holdings()  # our keys' owners may have changed: send them all again
         for node in joined:
             alive[node].handle.resync.remote()  # one-way: it re-sends its holdings to their owners
+
+    def _link_to(self, node: str, link: list | None) -> PeerLink | None:
+        if link is None or not self.cfg.peer_link:
+            return None
+        host, port, secret = link
+        return PeerLink(node, host, port, secret, self.cfg.call_timeout_s)
 
     # ---- directory: publishing our holdings ------------------------------------------------------
     def _holdings_changed(self, keys: list[bytes], bits: list[int]) -> None:
@@ -244,6 +274,8 @@ class ClusterNode:
         blob = b"".join(keys)
         result: list[Holders] = [{} for _ in keys]
         calls = []
+        links = []  # (picked, link, connection with the request sent): every owner is asked at once
+        unanswered = 0
         for node, picked_array in _by_owner(blob, self.members()):
             picked = picked_array.tolist()
             if node == self.node:
@@ -254,9 +286,22 @@ class ClusterNode:
             peer = self._peer(node)
             if peer is None:
                 calls.append((picked, None))
+            elif peer.link is not None:
+                try:
+                    links.append((picked, peer.link, peer.link.send("holders", {"keys": _pick_keys(blob, picked_array)},
+                                                                    deadline)))
+                except LinkError:
+                    unanswered += len(picked)
             else:
                 calls.append((picked, peer.handle.lookup_holders.remote(_pick_keys(blob, picked_array))))
-        unanswered = 0
+        for picked, link, conn in links:
+            try:
+                answers = link.reply(conn, deadline)
+            except LinkError:
+                unanswered += len(picked)
+                continue
+            for i, holders in zip(picked, answers):
+                result[i] = holders or {}
         refs = [ref for _, ref in calls if ref is not None]
         ready = set()
         if refs:  # one wait for all owners: a single wake-up when the last answer is in
@@ -370,11 +415,20 @@ class ClusterNode:
             calls = []
             for node, indexes in by_holder.items():
                 peer = self._peer(node)
-                ref = None if peer is None else peer.handle.export_chunks.remote(
-                    digest, b"".join(keys[i] for i in indexes))
-                calls.append((indexes, ref))
-            for indexes, ref in calls:  # all in flight; collect in order
-                got, failed = self._collect(digest, keys, indexes, ref, deadline)
+                blob = b"".join(keys[i] for i in indexes)
+                if peer is not None and peer.link is not None:
+                    try:
+                        call = (peer.link, peer.link.send("export", {"ns": digest, "keys": blob}, deadline))
+                    except LinkError as exc:
+                        call = exc
+                else:
+                    call = None if peer is None else peer.handle.export_chunks.remote(digest, blob)
+                calls.append((indexes, call))
+            for indexes, call in calls:  # all in flight; collect in order
+                if isinstance(call, (tuple, LinkError)):
+                    got, failed = self._collect_link(digest, keys, indexes, call, deadline)
+                else:
+                    got, failed = self._collect(digest, keys, indexes, call, deadline)
                 pulled.update(got)
                 reasons.update(failed)
                 for i in got:
@@ -408,6 +462,23 @@ class ClusterNode:
         for i in got:
             reasons.pop(i, None)
         return got, reasons
+
+    def _collect_link(self, digest, keys, indexes, call, deadline) -> tuple[list[int], dict[int, str]]:
+        """Receive one holder's chunks over its link, straight into the arena (link.receive_chunks)."""
+        if isinstance(call, LinkError):
+            return [], {i: call.reason for i in indexes}
+        link, conn = call
+        try:
+            got, failed = receive_chunks(self.store, PULL_CONN, digest, [keys[i] for i in indexes], conn, deadline)
+        except Exception as exc:  # the stream is out of step: the connection is not reused
+            conn.close()
+            error = failure(exc, link.node)
+            if not isinstance(exc, (OSError, KVStoreError)):
+                log.warning("pull from %s failed: %r", link.node[:8], exc)
+            return [], {i: error.reason for i in indexes}
+        link.done(conn)
+        self.counters["link_pulled_chunks"] += len(got)
+        return [indexes[n] for n in got], {indexes[n]: reason for n, reason in failed.items()}
 
     def prefetch(self, digest: bytes, keys: list[bytes]) -> int:
         """Start pulling the chunks among `keys` missing here, in the background; returns how many are
@@ -563,8 +634,8 @@ class ClusterAgent:
                 "incarnation": self.cluster.incarnation, "members": self.cluster.members(),
                 "arena_path": self.store.cpu.arena_path}
 
-    def ping(self) -> str:
-        return self.cluster.incarnation
+    def ping(self) -> tuple[str, list | None]:
+        return self.cluster.ping_reply()
 
     def apply_updates(self, node: str, blob: bytes, bits: bytes) -> None:
         self.cluster.shard.apply(node, split_keys(blob), list(bits))

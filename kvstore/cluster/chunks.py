@@ -10,7 +10,8 @@ indexed, published and written behind like any other.
 
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -23,17 +24,18 @@ from ..node import RESERVE_EXISTS, RESERVE_NO_SPACE, NodeStore
 PULL_CONN, REPLICA_CONN, EXPORT_CONN = -1, -2, -3
 
 
-def export_chunks(store: NodeStore, digest: bytes, keys: Sequence[bytes], put) -> tuple[list[int], object]:
-    """Pin the chunks this node holds among `keys`, hand [header, payload, header, payload, ...] to
-    `put` (ray.put: one copy out of the arena while the chunks are pinned) and release them.
-    Returns (indexes of the keys found, what `put` returned)."""
+@contextmanager
+def pinned_chunks(store: NodeStore, digest: bytes, keys: Sequence[bytes]) -> Iterator[tuple[list[int], list]]:
+    """Pin the chunks this node holds among `keys` and yield (indexes found, [(header, payload view of
+    the arena slot), ...]); `wire_header` makes the bytes to send. Released on exit."""
     try:
         reply = store.acquire(EXPORT_CONN, digest, list(keys), prefix=False)
     except NotFound:  # namespace unknown here: nothing of it is held
-        return [], put([])
+        yield [], []
+        return
     arena = store.cpu.arena.array
     found: list[int] = []
-    parts: list[np.ndarray] = []
+    pairs: list[tuple[ChunkHeader, np.ndarray]] = []
     try:
         for i, (offset, size) in enumerate(zip(reply["offsets"], reply["sizes"])):
             if offset < 0:
@@ -42,15 +44,36 @@ def export_chunks(store: NodeStore, digest: bytes, keys: Sequence[bytes], put) -
                 header = ChunkHeader.unpack(arena[offset:offset + HEADER_BYTES])
             except CorruptChunk:
                 continue
-            payload = arena[offset + HEADER_BYTES:offset + size]
-            if not header.has_checksum:
-                header = header.with_checksum(payload)
-            parts.append(np.frombuffer(header.pack(), dtype=np.uint8))
-            parts.append(payload)
+            pairs.append((header, arena[offset + HEADER_BYTES:offset + size]))
             found.append(i)
-        return found, put(parts)
+        yield found, pairs
     finally:
         store.release(EXPORT_CONN, reply["lid"])
+
+
+def wire_header(header: ChunkHeader, payload: np.ndarray) -> bytes:
+    """The header bytes a chunk travels with: carrying its payload checksum (the one the disk tier
+    keeps, or computed now), so the receiver checks the bytes end to end."""
+    return (header if header.has_checksum else header.with_checksum(payload)).pack()
+
+
+def export_chunks(store: NodeStore, digest: bytes, keys: Sequence[bytes], put) -> tuple[list[int], object]:
+    """Hand the chunks this node holds among `keys` to `put` as [header, payload, header, payload, ...]
+    (ray.put: one copy out of the arena while the chunks are pinned).
+    Returns (indexes of the keys found, what `put` returned)."""
+    with pinned_chunks(store, digest, keys) as (found, pairs):
+        return found, put([part for header, payload in pairs
+                           for part in (np.frombuffer(wire_header(header, payload), dtype=np.uint8), payload)])
+
+
+def verified_header(raw_header, payload, key: bytes, digest: bytes) -> ChunkHeader:
+    """The header of a chunk received for `key` in namespace `digest`, once its payload checks out;
+    CorruptChunk otherwise."""
+    header = ChunkHeader.unpack(raw_header)
+    if header.key != key or header.namespace != digest:
+        raise CorruptChunk("chunk names another key or namespace")
+    header.verify(payload)
+    return header
 
 
 def import_chunks(store: NodeStore, conn: int, digest: bytes, keys: Sequence[bytes],
@@ -64,10 +87,7 @@ def import_chunks(store: NodeStore, conn: int, digest: bytes, keys: Sequence[byt
     for i, key in enumerate(keys):
         raw_header, payload = parts[2 * i], parts[2 * i + 1]
         try:
-            header = ChunkHeader.unpack(raw_header)
-            if header.key != key or header.namespace != digest:
-                raise CorruptChunk("chunk names another key or namespace")
-            header.verify(payload)
+            header = verified_header(raw_header, payload, key, digest)
             store.register(digest, header.geometry, {"imported": True})
         except CorruptChunk:
             reasons[i] = "checksum"

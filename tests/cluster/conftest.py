@@ -20,6 +20,7 @@ from ..conftest import SMALL, SMALL_NS
 
 RAY_NAMESPACE = "kvstore-test"
 NODE_NAMES = ("a", "b", "c")
+RAY_ONLY = {"c": {"cluster.peer_link": "false"}}
 
 
 def node_config(root: Path, name: str, **overrides) -> KVStoreConfig:
@@ -121,7 +122,9 @@ def ray_cluster(tmp_path_factory):
     nodes = [cluster.head_node] + [cluster.add_node(**node_args) for _ in NODE_NAMES[1:]]
     ray.init(address=cluster.address, namespace=RAY_NAMESPACE, log_to_driver=False)
     root = tmp_path_factory.mktemp("cluster")
-    agents = {name: NodeAgent(name, node.node_id, node_config(root, name)).start()
+    # a and b reach each other over peer links; c has none (cluster.peer_link false), so everything
+    # to and from c goes over Ray actor calls and object transfers: both paths run in every test.
+    agents = {name: NodeAgent(name, node.node_id, node_config(root, name, **RAY_ONLY.get(name, {}))).start()
               for name, node in zip(NODE_NAMES, nodes)}
     harness = RayCluster(cluster, agents)
     try:

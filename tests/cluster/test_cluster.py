@@ -141,6 +141,54 @@ def test_a_stale_directory_entry_is_a_miss_with_its_reason(cluster):
     assert c.stats()["cluster"]["counters"]["miss_remote_evicted"] >= 1
 
 
+def test_b_pulls_over_the_peer_link_and_c_over_ray(cluster):
+    """a and b have peer links, c has none (conftest): the same chunks reach b over the link, c over Ray."""
+    a = cluster["a"].client()
+    keys = a.keys(_prefix_tokens(6, base=8))
+    data = small_chunks(6, seed=18)
+    assert a.put(keys, data).stored == 6
+    assert a.flush(timeout=30)
+    for name in ("b", "c"):  # drop the replicas: a is the only holder
+        other = cluster[name].client()
+        other.evict(keys, tiers=("cpu", "disk"))
+        assert other.flush(timeout=30)
+    for name, path in (("b", "link_pulled_chunks"), ("c", "remote_pulled_chunks")):
+        client = cluster[name].client()
+        before = client.stats()["cluster"]["counters"]
+        assert torch.equal(client.get(keys), data), name
+        after = client.stats()["cluster"]["counters"]
+        assert after.get(path, 0) - before.get(path, 0) == 6, (name, after)
+        if name == "c":
+            assert after.get("link_pulled_chunks", 0) == 0
+
+
+def test_peer_link_needs_the_secret_and_stays_in_step_after_bad_requests(cluster):
+    import socket
+
+    import ray
+
+    from kvstore.protocol import FrameReader, pack
+
+    _, (host, port, secret) = ray.get(cluster["a"].handle.ping.remote(), timeout=30)
+    assert _is_loopback(host)
+    assert ray.get(cluster["c"].handle.ping.remote(), timeout=30)[1] is None  # c serves no link
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(pack(["hello", {"secret": "not-" + secret}]))
+        assert FrameReader(sock, 1 << 20).read()[:2] == ["err", "unauthenticated"]
+        assert sock.recv(1) == b""  # and the connection is closed
+    with socket.create_connection((host, port), timeout=10) as sock:
+        frames = FrameReader(sock, 1 << 20)
+        sock.sendall(pack(["hello", {"secret": secret}]))
+        assert frames.read()[0] == "ok"
+        sock.sendall(pack(["nonsense", {}]))
+        assert frames.read()[:2] == ["err", "invalid_argument"]
+        sock.sendall(pack(["holders", {"keys": b"x" * 15}]))
+        assert frames.read()[:2] == ["err", "invalid_argument"]
+        sock.sendall(pack(["holders", {"keys": b"k" * 32}]))  # the same connection still answers
+        status, answers = frames.read()
+        assert status == "ok" and answers == [None, None]
+
+
 def test_with_r2_killing_b_mid_workload_loses_no_chunk_and_never_hangs(cluster):
     b, c = cluster["b"].client(), cluster["c"].client()
     prompts = 24
