@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from functools import cached_property
-from typing import NewType, Sequence
+from typing import Iterable, NewType, Sequence
 
 import numpy as np
 import xxhash
@@ -102,13 +102,14 @@ def as_token_array(tokens) -> np.ndarray:
     return arr.astype("<u4", copy=False)
 
 
-def _chain(root: bytes, tag: bytes, pieces: Sequence[memoryview]) -> list[ChunkKey]:
-    keys: list[ChunkKey] = []
+def _chain(root: bytes, tag: bytes, pieces: Iterable[memoryview]) -> list[ChunkKey]:
+    keys: list[ChunkKey] = []  # ChunkKey is a NewType: plain bytes at run time, no per-key wrapping
     parent = root
     digest = xxhash.xxh3_128_digest
+    append = keys.append
     for piece in pieces:  # one hash call per chunk, never per token
         parent = digest(b"".join((tag, parent, piece)))
-        keys.append(ChunkKey(parent))
+        append(parent)
     return keys
 
 
@@ -119,7 +120,7 @@ def chunk_keys(namespace: Namespace, tokens) -> list[ChunkKey]:
     n_chunks = arr.size // step
     raw = memoryview(np.ascontiguousarray(arr[: n_chunks * step])).cast("B")
     width = step * 4
-    return _chain(namespace.digest, TOKENS_TAG, [raw[i * width:(i + 1) * width] for i in range(n_chunks)])
+    return _chain(namespace.digest, TOKENS_TAG, (raw[start:start + width] for start in range(0, len(raw), width)))
 
 
 def block_hash_bytes(block_hash) -> bytes:
