@@ -32,9 +32,13 @@ bench: venv
 	$(VENV)/bin/kvstore bench tiers --json
 	$(VENV)/bin/kvstore bench lookup --json
 
-proto: venv
-	$(VPY) -m pip install -q '.[proto]'
-	$(VPY) -m kvstore.proto.generate
+# grpcio-tools 1.78 in a venv of its own: the code it writes imports on protobuf 6.31+ and 7.x, and it
+# cannot share .venv, whose grpcio-health-checking 1.85 needs protobuf 7.35+ while it needs protobuf < 7.
+PROTO_VENV := .venv-proto
+proto:
+	test -x $(PROTO_VENV)/bin/python || $(PY) -m venv $(PROTO_VENV)
+	$(PROTO_VENV)/bin/python -m pip install -q 'grpcio-tools==1.78.*'
+	$(PROTO_VENV)/bin/python -m kvstore.proto.generate
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(PROTO_VENV) build *.egg-info

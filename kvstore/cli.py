@@ -4,6 +4,8 @@
     kvstore serve --cluster [--ray-address ADDR]          run it as a Ray actor: embedded loopback Ray, or join ADDR
     kvstore stats [--output json]                          what the local agent holds (over its Unix socket)
     kvstore status|lookup|ls|evict|clear|watch [...]       the controller, over gRPC (docs/control.md)
+    kvstore pin|unpin|move|prefetch [...]                 pin leases and moves between tiers, over gRPC
+    kvstore top [--interval S] [--count N]                 live view of nodes, tiers and rates, over gRPC
     kvstore config show [--config FILE] [--set ...]        the effective configuration
     kvstore bench tiers|lookup [--json] [...]              benchmarks (docs/benchmarks.md)
     kvstore demo                                           vLLM with and without kvstore, multi-round chat
@@ -45,25 +47,36 @@ def cmd_serve(args) -> int:
         cfg = replace(cfg, control=replace(cfg.control, insecure=True))
     logging.basicConfig(level=cfg.agent.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.cluster or args.ray_address or cfg.cluster.enabled:
-        from .cluster import serve_cluster
+    with_control = cfg.control.enabled and not args.no_control
+    if with_control:
+        from .control.tls import server_credentials
 
-        serve_cluster(cfg, args.ray_address, ready=lambda info: print(
-            f"kvstore agent ready on {info['socket_path']} (Ray node {info['node'][:12]})", file=sys.stderr, flush=True))
-        return EXIT_OK
+        server_credentials(cfg.control)  # an unreadable TLS file is a ConfigError now, before the agent starts
     controller = []
 
-    def ready(server) -> None:
-        print(f"kvstore agent ready on {server.socket_path}", file=sys.stderr, flush=True)
-        if cfg.control.enabled and not args.no_control:
-            controller.extend(_start_controller(cfg, server.socket_path))
+    def ready(socket_path: str, metrics_port: int, where: str = "") -> None:
+        print(f"kvstore agent ready on {socket_path}{where}{_metrics_url(cfg, metrics_port)}",
+              file=sys.stderr, flush=True)
+        if with_control:  # in a cluster: in front of this node's agent, answering for the whole cluster
+            controller.extend(_start_controller(cfg, socket_path))
 
     try:
-        run_agent(cfg, ready=ready)
+        if args.cluster or args.ray_address or cfg.cluster.enabled:
+            from .cluster import serve_cluster
+
+            serve_cluster(cfg, args.ray_address, ready=lambda info: ready(
+                info["socket_path"], info.get("metrics_port", 0), f" (Ray node {info['node'][:12]})"))
+        else:
+            run_agent(cfg, ready=lambda server: ready(server.socket_path, server.metrics_port))
     finally:
         for c in controller:
             c.stop()
     return EXIT_OK
+
+
+def _metrics_url(cfg, port: int) -> str:
+    """", metrics on http://host:port/metrics" for the agent's own endpoint, if it runs."""
+    return f", metrics on http://{cfg.agent.metrics_address.rpartition(':')[0]}:{port}/metrics" if port else ""
 
 
 def _start_controller(cfg, socket_path: str) -> list:
@@ -84,7 +97,7 @@ def _start_controller(cfg, socket_path: str) -> list:
         return []
     metrics = f", metrics on http://{c.metrics_address.rpartition(':')[0]}:{server.metrics_port}/metrics" \
         if c.metrics_address else ""
-    print(f"kvstore controller listening on {server.address}{metrics}"
+    print(f"kvstore controller listening on {server.address} ({server.scheme}){metrics}"
           f"{' (insecure: no auth)' if c.insecure else ''}", file=sys.stderr, flush=True)
     return [server]
 

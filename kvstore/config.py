@@ -74,6 +74,9 @@ class AgentConfig:
     busy_poll_us: int = 200  # poll a connection this long before blocking (0: never); see docs/config.md
     max_batch_chunks: int = 65536
     log_level: str = "info"
+    metrics_address: str = ""  # the agent's own Prometheus endpoint ("": off); port 0: any free port
+    max_pin_ttl_s: float = 86400.0  # longest TTL of an operator pin (the `pin` op, gRPC Pin)
+    max_pinned_fraction: float = 0.5  # share of the arena operator pins may hold
 
 
 @dataclass(frozen=True)
@@ -85,11 +88,11 @@ class ClusterConfig:
     call_timeout_s: float = 2.0  # deadline of each control call between agents (directory, pings)
     pull_timeout_s: float = 5.0  # deadline of a request's remote pulls (and of a replication batch)
     heartbeat_s: float = 1.0  # how often an agent checks membership (a dead peer is noticed by then)
+    peer_link: bool = True  # lookups and pulls between agents over direct TCP links (false: Ray actor calls)
+    link_host: str = ""  # address the link listens on; "": this Ray node's IP address
     object_store_bytes: int = 256 << 20  # the embedded Ray's object store
 
 
-    peer_link: bool = True  # lookups and pulls between agents over direct TCP links (false: Ray actor calls)
-    link_host: str = ""  # address the link listens on; "": this Ray node's IP address
 @dataclass(frozen=True)
 class ControlConfig:
     enabled: bool = True  # `kvstore serve` also runs the gRPC controller (docs/control.md)
@@ -101,6 +104,15 @@ class ControlConfig:
     call_timeout_s: float = 2.0  # deadline of each call into the agent
     max_request_chunks: int = 65536  # a larger Lookup/Evict is INVALID_ARGUMENT
     workers: int = 8  # gRPC thread pool
+    # TLS (docs/control.md). The controller: its certificate chain and key (PEM; both or neither), and
+    # the CA that must have signed clients' certificates (mTLS). Clients (the CLI): the CA that signed
+    # the controller's certificate, and their own certificate and key for mTLS.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    tls_ca: str = ""
+    tls_client_cert: str = ""
+    tls_client_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -354,6 +366,9 @@ def validate(cfg: KVStoreConfig) -> KVStoreConfig:
     _check(0 <= agent.busy_poll_us <= 100_000, "agent.busy_poll_us",
            f"{agent.busy_poll_us} is outside [0, 100000] microseconds")
     _check(agent.max_batch_chunks > 0, "agent.max_batch_chunks", f"{agent.max_batch_chunks} must be positive")
+    _check(agent.max_pin_ttl_s > 0, "agent.max_pin_ttl_s", f"{agent.max_pin_ttl_s} must be positive")
+    _check(0 < agent.max_pinned_fraction <= 1, "agent.max_pinned_fraction",
+           f"{agent.max_pinned_fraction} must be in (0, 1]")
     _check(bool(cluster.namespace), "cluster.namespace", "must not be empty")
     _check(cluster.replication >= 1, "cluster.replication", f"{cluster.replication} must be at least 1")
     for key in ("call_timeout_s", "pull_timeout_s", "heartbeat_s"):
@@ -361,16 +376,24 @@ def validate(cfg: KVStoreConfig) -> KVStoreConfig:
     _check(cluster.object_store_bytes >= 64 * MiB, "cluster.object_store_bytes",
            f"{cluster.object_store_bytes} is below 64 MiB")
     control = cfg.control
-    for key in ("address", "metrics_address"):
-        value = getattr(control, key)
+    for section, key in (("control", "address"), ("control", "metrics_address"), ("agent", "metrics_address")):
+        value = getattr(getattr(cfg, section), key)
         host, sep, port = value.rpartition(":")
         _check(value == "" and key == "metrics_address" or bool(sep and host and port.isdigit()
                                                                     and int(port) < 65536),
-               f"control.{key}", f"{value!r} is not host:port")
+               f"{section}.{key}", f"{value!r} is not host:port")
     _check(control.call_timeout_s > 0, "control.call_timeout_s", f"{control.call_timeout_s} must be positive")
     _check(control.max_request_chunks > 0, "control.max_request_chunks",
            f"{control.max_request_chunks} must be positive")
     _check(control.workers > 0, "control.workers", f"{control.workers} must be positive")
+    _check(bool(control.tls_cert) == bool(control.tls_key),
+           "control.tls_key" if control.tls_cert else "control.tls_cert",
+           "control.tls_cert and control.tls_key go together: set both or neither")
+    _check(not control.tls_client_ca or bool(control.tls_cert), "control.tls_client_ca",
+           "needs control.tls_cert and control.tls_key (mTLS is TLS with client certificates)")
+    _check(bool(control.tls_client_cert) == bool(control.tls_client_key),
+           "control.tls_client_key" if control.tls_client_cert else "control.tls_client_cert",
+           "control.tls_client_cert and control.tls_client_key go together: set both or neither")
     for key, allowed in _ENUMS.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)

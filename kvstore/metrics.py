@@ -1,9 +1,10 @@
 """Prometheus metrics (names: docs/metrics.md).
 
-Agent figures are read from the agent's `stats` op at scrape time (`AgentCollector`), so the agent's hot
-path keeps its plain counters and pays nothing for Prometheus; the controller's own figures (RPC latency,
-lookup hits by tier) are ordinary prometheus-client metrics. Each controller has its own registry, so
-several can live in one process.
+Agent figures are read from the agent's stats at scrape time (`AgentCollector`): over its socket (the
+`stats` op) on the controller's endpoint, in process on the agent's own endpoint (`agent.metrics_address`).
+Either way the agent's hot path keeps its plain counters and fixed-bucket histograms (kvstore/recorder.py)
+and pays nothing for Prometheus; the controller's own figures (RPC latency, lookup hits by tier) are
+ordinary prometheus-client metrics. Each endpoint has its own registry, so several can live in one process.
 """
 
 from __future__ import annotations
@@ -12,15 +13,28 @@ import logging
 from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+from .recorder import LATENCY_BUCKETS
 
 log = logging.getLogger("kvstore.metrics")
 
 # Agent counters with a reason or tier in their name, exported as one labelled family each.
 MISS_PREFIX = "miss_"
 EVICTED = {"cpu_evicted_chunks": "cpu", "disk_evicted_chunks": "disk"}
-_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+# Bytes moved between tiers, by path: (section of the stats, counter name). Their rate is throughput.
+TRANSFERS = {"disk_to_cpu": ("counters", "promoted_bytes"), "cpu_to_disk": ("counters", "writebehind_bytes"),
+             "remote_to_cpu": ("cluster", "remote_pulled_bytes")}
+# Token families of the agent's request recorder, with the labels always exported (0 until seen).
+TOKENS = {
+    "lookup": ("kvstore_lookup_tokens", "tokens asked for by agent lookups, by the tier holding them "
+               "(none: past the matched prefix)", "tier", ("cpu", "disk", "remote", "none")),
+    "get_hit": ("kvstore_get_hit_tokens", "tokens served by acquire/get, by the tier that served them",
+                "tier", ("cpu", "disk", "remote")),
+    "get_miss": ("kvstore_get_miss_tokens", "tokens asked for by acquire/get and not served, by reason",
+                 "reason", ("not_found", "namespace", "checksum", "evicted", "no_space")),
+}
 
 
 class AgentCollector(Collector):
@@ -80,17 +94,58 @@ class AgentCollector(Collector):
         queue = GaugeMetricFamily("kvstore_writebehind_queue_bytes", "bytes waiting to be written to disk")
         queue.add_metric([], stats.get("writebehind_queue_bytes", 0))
         yield queue
+        transfer = CounterMetricFamily("kvstore_transfer_bytes", "bytes moved between tiers, by path "
+                                       "(the rate is the throughput)", labels=["path"])
+        for path, (section, name) in TRANSFERS.items():
+            source = counters if section == "counters" else stats.get(section, {}).get("counters", {})
+            transfer.add_metric([path], source.get(name, 0))
+        yield transfer
+        yield from self._requests(stats.get("requests", {}))
+
+    @staticmethod
+    def _requests(requests: dict) -> Iterator:
+        """The agent's request recorder (kvstore/recorder.py): latency, requests, tokens, queue depth."""
+        in_flight = GaugeMetricFamily("kvstore_agent_requests_in_flight", "local-protocol requests being "
+                                      "handled by the agent right now (its queue depth)")
+        in_flight.add_metric([], requests.get("in_flight", 0))
+        yield in_flight
+        connections = GaugeMetricFamily("kvstore_agent_connections", "open local-protocol connections")
+        connections.add_metric([], requests.get("connections", 0))
+        yield connections
+        ops = CounterMetricFamily("kvstore_agent_requests", "local-protocol requests answered, by op",
+                                  labels=["op"])
+        errors = CounterMetricFamily("kvstore_agent_request_errors", "local-protocol requests answered with "
+                                     "an error, by op", labels=["op"])
+        for op, n in sorted(requests.get("ops", {}).items()):
+            ops.add_metric([op], n)
+            errors.add_metric([op], requests.get("errors", {}).get(op, 0))
+        yield ops
+        yield errors
+        bounds = requests.get("latency_bounds", LATENCY_BUCKETS)
+        seconds = HistogramMetricFamily("kvstore_agent_request_seconds", "time the agent spent on a request, "
+                                        "by op and the tier that served it", labels=["op", "tier"])
+        for op, by_tier in sorted(requests.get("latency", {}).items()):
+            for tier, h in sorted(by_tier.items()):
+                cumulative, buckets = 0, []
+                for bound, count in zip([*map(str, bounds), "+Inf"], h["counts"]):
+                    cumulative += count
+                    buckets.append((bound, cumulative))
+                seconds.add_metric([op, tier], buckets, h["sum"])
+        yield seconds
+        tokens = requests.get("tokens", {})
+        for kind, (name, doc, label, always) in TOKENS.items():
+            family = CounterMetricFamily(name, doc, labels=[label])
+            seen = tokens.get(kind, {})
+            for value in dict.fromkeys([*always, *sorted(seen)]):
+                family.add_metric([value], seen.get(value, 0))
+            yield family
 
 
-class ControllerMetrics:
-    """The controller's registry: its RPCs plus the agent behind it."""
+class AgentMetrics:
+    """A registry holding one agent's figures (read when scraped), and its HTTP endpoint once served."""
 
     def __init__(self, read_stats: Callable[[], dict]):
         self.registry = CollectorRegistry()
-        self.rpc_seconds = Histogram("kvstore_control_rpc_seconds", "controller RPC latency, by method and code",
-                                     ["method", "code"], buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.lookup_chunks = Counter("kvstore_control_lookup_chunks", "chunks asked for by Lookup RPCs, by the "
-                                     "tier that held them (tier=none: a miss)", ["tier"], registry=self.registry)
         self.registry.register(AgentCollector(read_stats))
         self._http = None
 
@@ -105,3 +160,14 @@ class ControllerMetrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class ControllerMetrics(AgentMetrics):
+    """The controller's registry: its RPCs plus the agent behind it."""
+
+    def __init__(self, read_stats: Callable[[], dict]):
+        super().__init__(read_stats)
+        self.rpc_seconds = Histogram("kvstore_control_rpc_seconds", "controller RPC latency, by method and code",
+                                     ["method", "code"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.lookup_chunks = Counter("kvstore_control_lookup_chunks", "chunks asked for by Lookup RPCs, by the "
+                                     "tier that held them (tier=none: a miss)", ["tier"], registry=self.registry)

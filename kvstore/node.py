@@ -1,8 +1,8 @@
 """The node agent: one process per node that owns the node's tiers and serves local clients.
 
 `NodeStore` is the policy layer over the tiers (the tiers themselves only put/get/contains/evict):
-namespaces and their geometry, reservations and leases (pins with a TTL, scoped to a connection),
-write-behind from the CPU arena to disk through a bounded queue, promotion from disk on a hit, and an
+namespaces and their geometry, reservations and leases (pins with a TTL, scoped to a connection, or
+to none for an operator's pin), moves between tiers on request, write-behind from the CPU arena to disk through a bounded queue, promotion from disk on a hit, and an
 optional admission filter. `AgentServer` speaks the local protocol (docs/local-protocol.md) over a Unix
 socket, one thread per connection; data never crosses the socket, only arena offsets.
 """
@@ -33,6 +33,7 @@ from .errors import (AgentUnavailable, CapacityExhausted, ChunkTooLarge, Corrupt
                      InvalidArgument, KVStoreError, NotFound, ProtocolError)
 from .layout import Geometry
 from .protocol import NO_REPLY, PROTOCOL_VERSION, ConnectionClosed, FrameReader, error_reply, pack, split_keys
+from .recorder import RequestRecorder
 from .tiers.cpu import CpuTier
 from .tiers.disk import DiskTier
 from .tiers.index import CuckooIndex
@@ -52,7 +53,17 @@ _KEY_HALVES = struct.Struct("<QQ")
 RESERVE_EXISTS = -1  # already stored (or being written by someone else): nothing to write
 RESERVE_NO_SPACE = -2  # nothing evictable: everything is pinned, reserved or queued
 
+# The owner of operator pin leases (the `pin` op): no connection (clients get ids from 1 up), so a pin
+# outlives the request that made it and ends by `unpin`, its TTL or `clear` of its namespace.
+PIN_CONN = 0
+
 EVENT_BUFFER = 4096  # events the agent keeps for watchers (`events` op); older ones are dropped
+
+
+def _placeholder(description: dict) -> bool:
+    """A description the agent made up for a namespace it knows only from its disk or from chunks
+    received, not from an engine's registration."""
+    return not description or "recovered" in description or "imported" in description
 
 
 @dataclass
@@ -76,6 +87,8 @@ class _Lease:
     conn: int
     expiry: float
     eids: np.ndarray
+    ns_id: int = 0  # pin leases (conn PIN_CONN) only: their namespace and the bytes they hold
+    nbytes: int = 0
 
 
 @dataclass
@@ -142,8 +155,8 @@ class NodeStore:
             elif info.geometry != geometry:
                 raise GeometryMismatch(f"namespace {digest.hex()} holds chunks of {info.geometry}, "
                                        f"not {geometry}")
-            elif description and not info.description:
-                info.description = dict(description)
+            elif description and _placeholder(info.description) and not _placeholder(description):
+                info.description = dict(description)  # what an engine registered beats "recovered"/"imported"
             return info.ns_id
 
     def _namespace(self, digest: Any) -> _NamespaceInfo:
@@ -227,14 +240,18 @@ class NodeStore:
             return {"events": out, "next": out[-1]["seq"] if out else max(since, self._event_seq),
                     "dropped": dropped, "last": self._event_seq}
 
-    def chunks(self, digest: bytes | None, tier: int, start: int, limit: int) -> dict:
+    def chunks(self, digest: bytes | None, tier: int, start: int, limit: int, pinned: bool = False) -> dict:
         """One page of the chunks held in registered namespaces, sorted by key: [key, namespace digest,
-        tier bits] from position `start`, at most `limit`, filtered by namespace and tier (0: any)."""
+        tier bits] from position `start`, at most `limit`, filtered by namespace, tier (0: any) and,
+        with `pinned`, to the chunks pin leases hold."""
         keys, values = self._held()
         with self.lock:
+            pins = self._pinned_keys() if pinned else None
             rows = []
             for key, value in sorted(zip(keys, values.tolist())):
                 if tier and not value & DIR_BITS.get(tier, 0):
+                    continue
+                if pins is not None and key not in pins:
                     continue
                 info = self._ns_by_id[value >> 8] if 0 < value >> 8 < len(self._ns_by_id) else None
                 if info is None or (digest is not None and info.digest != digest):
@@ -490,7 +507,8 @@ class NodeStore:
         for reason in reasons.values():
             self.counters.add(f"miss_{reason}")
         return {"lid": lid, "offsets": offsets, "sizes": sizes, "ttl": self.cfg.agent.lease_ttl_s,
-                "reasons": {i: r for i, r in reasons.items()}}
+                "reasons": {i: r for i, r in reasons.items()},
+                "promoted": [i for i, _, _, _ in promote if offsets[i] >= 0]}
 
     def _promote(self, info: _NamespaceInfo, items, offsets, sizes, reasons) -> np.ndarray:
         """Read disk hits straight into their arena slots (outside the lock), then index and pin them."""
@@ -528,6 +546,7 @@ class NodeStore:
             eids = np.asarray(pinned, dtype=np.int64)
             self.cpu.pin(eids)
             self.counters.add("promoted_chunks", len(pinned))
+            self.counters.add("promoted_bytes", sum(nbytes for _, _, _, nbytes, ok in done if ok))
         return eids
 
     def release(self, conn: int, lid: int) -> None:
@@ -567,6 +586,102 @@ class NodeStore:
                     self._drop_reservation(rid)
                     self.counters.add("reservations_expired")
 
+    # ---- operator pins and moves (the control plane's Pin, Unpin, Move, Prefetch) -----------------
+    def pin(self, digest: bytes, keys: list[bytes], ttl: float) -> dict:
+        """Pin the stored chunks among `keys` in the arena for `ttl` seconds, disk-only ones promoted
+        first (through `acquire`). The lease belongs to no connection (PIN_CONN): it ends by `unpin`,
+        its TTL (the sweeper) or `clear`. All or nothing: refused if a disk chunk finds no arena space,
+        or if operator pins would hold more than agent.max_pinned_fraction of the arena."""
+        agent = self.cfg.agent
+        if not 0 < ttl <= agent.max_pin_ttl_s:
+            raise InvalidArgument(f"pin ttl {ttl} s is outside (0, agent.max_pin_ttl_s = {agent.max_pin_ttl_s}]")
+        info = self._namespace(digest)
+        reply = self.acquire(PIN_CONN, digest, keys, prefix=False)
+        no_space = sum(1 for reason in reply["reasons"].values() if reason == "no_space")
+        with self.lock:
+            lease = self._leases[reply["lid"]]
+            nbytes = int(self.cpu.slots(lease.eids)[1].sum())
+            held = sum(other.nbytes for other in self._leases.values() if other.conn == PIN_CONN)
+            budget = int(agent.max_pinned_fraction * self.cpu.capacity)
+            if no_space or held + nbytes > budget or not len(lease.eids):
+                self.release(PIN_CONN, reply["lid"])
+                if no_space:
+                    raise CapacityExhausted(f"{no_space} disk chunk(s) found no arena space to be pinned in "
+                                            f"(everything is pinned, reserved or queued)")
+                if nbytes:
+                    raise CapacityExhausted(f"pinning {nbytes} bytes would put pins at {held + nbytes} bytes, over "
+                                            f"agent.max_pinned_fraction ({agent.max_pinned_fraction}) of the "
+                                            f"{self.cpu.capacity}-byte arena ({budget} bytes); unpin something first")
+                return {"lease": 0, "pinned": 0, "bytes": 0, "ttl": ttl}  # nothing of it is stored here
+            lease.expiry, lease.ns_id, lease.nbytes = time.monotonic() + ttl, info.ns_id, nbytes
+            self.counters.add("pins")
+        return {"lease": reply["lid"], "pinned": len(lease.eids), "bytes": nbytes, "ttl": ttl}
+
+    def unpin(self, lid: int, digest: bytes | None = None) -> dict:
+        """End a pin lease now. With `digest`, the lease must belong to that namespace (the controller
+        checks the caller may see it), else it is as unknown as one that expired."""
+        with self.lock:
+            lease = self._leases.get(lid)
+            info = self._ns_by_id[lease.ns_id] if lease is not None and lease.conn == PIN_CONN else None
+            if info is None or digest is not None and info.digest != digest:
+                raise NotFound(f"pin lease {lid} is unknown, expired or released")
+            del self._leases[lid]
+            self.cpu.unpin(lease.eids)
+        return {"unpinned": len(lease.eids)}
+
+    def _pinned_keys(self) -> set[bytes]:
+        """Keys of the chunks pin leases hold (caller holds the lock)."""
+        held = [lease.eids for lease in self._leases.values() if lease.conn == PIN_CONN and lease.ns_id]
+        if not held:
+            return set()
+        return {self.cpu.key_of(eid) for eid in np.unique(np.concatenate(held)).tolist()}
+
+    def move(self, conn: int, digest: bytes, keys: list[bytes], tier: str, timeout: float = 60.0) -> dict:
+        """Move the stored chunks among `keys` between this node's tiers; `moved` counts the keys the
+        target tier holds afterwards. "cpu": promote disk-only chunks into the arena (through `acquire`;
+        the disk copy stays, the arena caches it). "disk": write the arena chunks with no disk copy now,
+        ahead of their turn, waiting up to `timeout` s, then drop the arena copy of every chunk on disk
+        except pinned ones (`pinned`); chunks not written by then stay in the arena (`pending`)."""
+        info = self._namespace(digest)
+        if tier == "cpu":
+            reply = self.acquire(conn, digest, keys, prefix=False)
+            self.release(conn, reply["lid"])
+            return {"moved": sum(1 for offset in reply["offsets"] if offset >= 0)}
+        if tier != "disk":
+            raise InvalidArgument(f"move to tier {tier!r}: this node moves chunks to cpu or disk")
+        if self.disk is None:
+            raise InvalidArgument("this node has no disk tier (disk.enabled is false)")
+        written, pending = self._write_now(info, keys, timeout)
+        removed = self.evict(digest, written, ("cpu",))
+        return {"moved": int(self._disk_has(keys, digest).sum()), "pinned": removed["pinned"], "pending": pending}
+
+    def _write_now(self, info: _NamespaceInfo, keys: list[bytes], timeout: float) -> tuple[list[bytes], int]:
+        """Queue the namespace's arena chunks among `keys` that have no disk copy for write-behind and
+        wait until they are written (or `timeout`). Returns (keys of those chunks on disk now, how many
+        are still queued). They stay pinned meanwhile, so arena pressure cannot drop them unwritten."""
+        deadline = time.monotonic() + timeout
+        with self._queue_cv:
+            eids = self.cpu.find(keys)
+            eids = np.unique(eids[(eids >= 0) & (self.cpu.namespace_ids(eids) == info.ns_id)])
+            self.cpu.pin(eids)
+            try:
+                for eid in eids[self.cpu.flags(eids) & (FLAG_ON_DISK | FLAG_QUEUED) == 0].tolist():
+                    self._enqueue(eid, self.cpu.key_of(eid))  # or deferred while the queue is full
+                while True:
+                    flags = self.cpu.flags(eids)
+                    deferred = set(self._deferred)  # waiting for room in the queue
+                    in_deferred = np.array([self.cpu.key_of(eid) in deferred for eid in eids.tolist()],
+                                           dtype=bool) if deferred else False
+                    waiting = (flags & FLAG_ON_DISK == 0) & ((flags & FLAG_QUEUED != 0) | in_deferred)
+                    left = deadline - time.monotonic()
+                    if not waiting.any() or left <= 0 or self._stopping:
+                        break
+                    self._queue_cv.wait(min(left, 0.1))  # the writer notifies after every batch
+                on_disk = eids[self.cpu.flags(eids) & FLAG_ON_DISK != 0]
+                return [self.cpu.key_of(eid) for eid in on_disk.tolist()], int(waiting.sum())
+            finally:
+                self.cpu.unpin(eids)
+
     # ---- removal ---------------------------------------------------------------------------------
     def evict(self, digest: bytes, keys: list[bytes], tiers: tuple[str, ...] = ("cpu", "disk")) -> dict:
         """Drop `keys` from the named tiers (pinned chunks stay in the arena and are reported)."""
@@ -579,6 +694,9 @@ class NodeStore:
             if "cpu" in tiers:
                 self._unqueue(set(keys))
                 writing = [k for k in keys if k in self._writing]  # pinned by write-behind for a moment
+                if writing:  # only the writer's pin: removed once written; pinned by others too: stays
+                    writing = [k for k, n in zip(writing, self.cpu.pin_counts(self.cpu.find(writing)).tolist())
+                               if n == 1]
                 self._leaving.update(writing)
                 removed["cpu"], removed["pinned"] = self.cpu.remove(keys)
                 self._cpu_removed(keys)
@@ -596,9 +714,13 @@ class NodeStore:
         return removed
 
     def clear(self, digest: bytes) -> dict:
-        """Remove every chunk of a namespace from every tier."""
+        """Remove every chunk of a namespace from every tier. Clearing is explicit: the namespace's pin
+        leases end first (chunks a reader has acquired stay until released)."""
         info = self._namespace(digest)
         with self.lock:
+            for lid in [lid for lid, lease in self._leases.items()
+                        if lease.conn == PIN_CONN and lease.ns_id == info.ns_id]:
+                self.cpu.unpin(self._leases.pop(lid).eids)
             keys = self.cpu.keys_in_namespaces([info.ns_id])
         result = self.evict(digest, keys, ("cpu",))
         if self.disk is not None:
@@ -692,10 +814,12 @@ class NodeStore:
             if not batch:
                 continue
             chunks = []
+            batch_bytes = 0
             for eid, _ in batch:
                 _, offset, nbytes, _, _ = self.cpu.entry(eid)
                 header = ChunkHeader.unpack(self.cpu.view(offset, HEADER_BYTES))
                 chunks.append((header, self.cpu.view(offset + HEADER_BYTES, nbytes - HEADER_BYTES)))
+                batch_bytes += nbytes
             ok = True
             try:
                 self.disk.append(chunks)
@@ -718,6 +842,7 @@ class NodeStore:
                 self._cpu_removed(leaving)
                 if ok:
                     self.counters.add("writebehind_chunks", len(batch))
+                    self.counters.add("writebehind_bytes", batch_bytes)
                 self._requeue_deferred()
                 self._queue_cv.notify_all()
             if doomed:
@@ -848,7 +973,15 @@ class AgentServer:
             "abort": self._abort, "acquire": self._acquire, "release": self._release,
             "evict": self._evict, "clear": self._clear, "flush": self._flush, "stats": self._stats,
             "list": self._list, "events": self._events, "chunks": self._chunks,
+            "pin": self._pin, "unpin": self._unpin, "move": self._move,
         }
+        # Requests timed per tier, and how each one's tier and tokens are read off its reply.
+        self.recorder = RequestRecorder()
+        self._observers: dict[str, Callable[[dict, Any], tuple[str, dict | None]]] = {
+            "lookup": self._observe_lookup, "reserve": _observe_put, "commit": _observe_put,
+            "acquire": self._observe_acquire}
+        self._metrics = None
+        self.metrics_port = 0  # the agent's Prometheus endpoint (agent.metrics_address), once started
 
     def serve_forever(self) -> None:
         self._server.serve_forever(poll_interval=0.2)
@@ -856,10 +989,35 @@ class AgentServer:
     def start(self) -> "AgentServer":
         self._thread = threading.Thread(target=self.serve_forever, name="kvstore-agent", daemon=True)
         self._thread.start()
+        self._serve_metrics()
         return self
+
+    def _serve_metrics(self) -> None:
+        """The agent's own Prometheus endpoint, read in process; a taken port is a warning, not a dead agent."""
+        address = self.store.cfg.agent.metrics_address
+        if not address:
+            return
+        from .metrics import AgentMetrics  # not at import time: engine processes import this module
+
+        self._metrics = AgentMetrics(self.stats)
+        try:
+            self.metrics_port = self._metrics.serve(address)
+        except OSError as exc:
+            log.warning("agent metrics endpoint not started on %s: %s", address, exc)
+            self._metrics = None
+            return
+        log.info("kvstore agent metrics on http://%s:%d/metrics", address.rpartition(":")[0], self.metrics_port)
+
+    def stats(self) -> dict:
+        """The store's statistics, plus this server's requests (by op, latency, tokens, in flight)."""
+        return {**self.store.stats(), "metrics_port": self.metrics_port,
+                "requests": {**self.recorder.snapshot(), "connections": len(self._live)}}
 
     def shutdown(self) -> None:
         """Stop accepting, and end every open connection (clients see the agent go, not a stale store)."""
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
         self._server.shutdown()
         self._server.server_close()
         for sock in list(self._live.values()):
@@ -902,13 +1060,63 @@ class AgentServer:
         handler = self._handlers.get(op)
         if handler is None:
             return None, error_reply(InvalidArgument(f"unknown op {op!r}"))
+        self.recorder.begin()
+        started = time.perf_counter()
         try:
-            return op, ["ok", handler(conn, args)]
+            result = handler(conn, args)
         except KVStoreError as exc:
+            self.recorder.end(op, 0.0, None, failed=True)
             return op, error_reply(exc)
         except Exception as exc:  # a bug must not take the agent down; the client gets the message
+            self.recorder.end(op, 0.0, None, failed=True)
             log.exception("op %s failed", op)
             return op, error_reply(KVStoreError(f"internal error in {op}: {exc}"))
+        self._record(op, args, result, time.perf_counter() - started)
+        return op, ["ok", result]
+
+    def _record(self, op: str, args: dict, result: Any, seconds: float) -> None:
+        """Count a request that succeeded; time it by the tier that served it, and add its tokens."""
+        observe = self._observers.get(op)
+        tier = tokens = None
+        if observe is not None:
+            try:
+                tier, tokens = observe(args, result)
+            except Exception:  # metrics never fail a request
+                log.exception("recording op %s failed", op)
+        self.recorder.end(op, seconds, tier, tokens)
+
+    def _chunk_tokens(self, args: dict) -> int:
+        """Tokens per chunk of the request's namespace (registered: the request succeeded)."""
+        return self.store._namespace(args["ns"]).geometry.tokens
+
+    def _observe_lookup(self, args: dict, result: dict) -> tuple[str, dict]:
+        """Tier: the deepest tier in the matched prefix (none: no match). Tokens by tier, none past it."""
+        tiers: bytes = result["tiers"]
+        per_chunk = self._chunk_tokens(args)
+        counts = [(name, tiers.count(code)) for code, name in TIER_NAMES.items()]  # codes ascending
+        by_tier = {name: n * per_chunk for name, n in counts if n}
+        by_tier["none"] = (len(args["keys"]) // 16 - result["matched"]) * per_chunk
+        return next((name for name, n in reversed(counts) if n), "none"), {"lookup": by_tier}
+
+    def _observe_acquire(self, args: dict, result: dict) -> tuple[str, dict]:
+        """Tier: the slowest that served any chunk (remote pull > disk promotion > cpu; none: nothing).
+        Tokens served by tier, and not served by reason (past a prefix's first miss: that miss's reason)."""
+        offsets, reasons = result["offsets"], result["reasons"]
+        served = len(offsets) - offsets.count(-1)
+        remote, promoted = result.get("remote", ()), result.get("promoted", ())
+        disk = len(set(promoted) - set(remote)) if remote and promoted else len(promoted)
+        per_chunk = self._chunk_tokens(args)
+        hit = {"cpu": (served - len(remote) - disk) * per_chunk, "disk": disk * per_chunk,
+               "remote": len(remote) * per_chunk}
+        missed: dict[str, int] = {}
+        for reason in reasons.values():  # misses only, usually one: a prefix read stops at the first
+            missed[reason] = missed.get(reason, 0) + 1
+        unexplained = len(offsets) - served - len(reasons)
+        if unexplained > 0:
+            first = reasons[min(reasons)] if reasons else "not_found"
+            missed[first] = missed.get(first, 0) + unexplained
+        tier = "remote" if remote else "disk" if disk else "cpu" if served else "none"
+        return tier, {"get_hit": hit, "get_miss": {r: n * per_chunk for r, n in missed.items()}}
 
     def _key_blob(self, args: dict) -> bytes:
         """The request's keys as one blob of 16-byte keys, checked for shape and batch size."""
@@ -978,7 +1186,7 @@ class AgentServer:
         return self.store.flush(float(_arg(args, "timeout", (int, float), 60.0)))
 
     def _stats(self, conn: int, args: dict) -> dict:
-        return self.store.stats()
+        return self.stats()
 
     def _list(self, conn: int, args: dict) -> list:
         return self.store.list_namespaces()
@@ -996,7 +1204,25 @@ class AgentServer:
         tier, start, limit = _arg(args, "tier", int, 0), _arg(args, "start", int, 0), _arg(args, "limit", int, 1000)
         if tier not in (0, *DIR_BITS) or start < 0 or not 0 < limit <= 100_000:
             raise InvalidArgument("chunks needs a known tier code, start >= 0 and 0 < limit <= 100000")
-        return self.store.chunks(ns, tier, start, limit)
+        return self.store.chunks(ns, tier, start, limit, _arg(args, "pinned", bool, False))
+
+    def _pin(self, conn: int, args: dict) -> dict:
+        return self.store.pin(_arg(args, "ns", bytes), self._keys(args), float(_arg(args, "ttl", (int, float))))
+
+    def _unpin(self, conn: int, args: dict) -> dict:
+        ns = args.get("ns")
+        if ns is not None and not isinstance(ns, bytes):
+            raise InvalidArgument("ns must be a namespace digest (bytes)")
+        return self.store.unpin(_arg(args, "lease", int), ns)
+
+    def _move(self, conn: int, args: dict) -> dict:
+        return self.store.move(conn, _arg(args, "ns", bytes), self._keys(args), _arg(args, "tier", str),
+                               float(_arg(args, "timeout", (int, float), 60.0)))
+
+
+def _observe_put(args: dict, result: dict) -> tuple[str, None]:
+    """A reserve or commit: puts land in the arena."""
+    return "cpu", None
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -447,7 +447,7 @@ class ClusterNode:
         if ref is None:
             return [], {i: "remote_unavailable" for i in indexes}
         try:
-            found, data_ref = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            found, data_ref, description = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
             parts = ray.get(data_ref, timeout=max(0.0, deadline - time.monotonic())) if found else []
         except (GetTimeoutError, TimeoutError):
             return [], {i: "remote_timeout" for i in indexes}
@@ -455,7 +455,8 @@ class ClusterNode:
             return [], {i: "remote_unavailable" for i in indexes}
         reasons = {i: "remote_evicted" for i in indexes}  # the directory said so; the holder does not have it
         got_keys = [keys[indexes[n]] for n in found]
-        held, failed = import_chunks(self.store, PULL_CONN, digest, got_keys, parts)
+        held, failed = import_chunks(self.store, PULL_CONN, digest, got_keys, parts, description)
+        self.counters["remote_pulled_bytes"] += sum(int(parts[2 * n].nbytes + parts[2 * n + 1].nbytes) for n in held)
         got = [indexes[found[n]] for n in held]
         for n, reason in failed.items():
             reasons[indexes[found[n]]] = "remote_" + reason if reason == "checksum" else reason
@@ -478,7 +479,16 @@ class ClusterNode:
             return [], {i: error.reason for i in indexes}
         link.done(conn)
         self.counters["link_pulled_chunks"] += len(got)
+        self.counters["remote_pulled_bytes"] += self._arena_bytes([keys[indexes[n]] for n in got])
         return [indexes[n] for n in got], {indexes[n]: reason for n, reason in failed.items()}
+
+    def _arena_bytes(self, keys: list[bytes]) -> int:
+        """Bytes (header and payload) of the chunks among `keys` in the arena: one lookup per pull batch."""
+        if not keys:
+            return 0
+        with self.store.lock:
+            eids = self.store.cpu.find(keys)
+            return int(self.store.cpu.slots(eids[eids >= 0])[1].sum())
 
     def prefetch(self, digest: bytes, keys: list[bytes]) -> int:
         """Start pulling the chunks among `keys` missing here, in the background; returns how many are
@@ -532,10 +542,10 @@ class ClusterNode:
             if peer is None:
                 self.counters["replication_failed_chunks"] += len(node_keys)
                 continue
-            found, data_ref = export_chunks(self.store, digest, node_keys, ray.put)
+            found, data_ref, description = export_chunks(self.store, digest, node_keys, ray.put)
             if found:
                 calls.append((len(found), peer.handle.import_replicas.remote(
-                    digest, b"".join(node_keys[i] for i in found), data_ref)))
+                    digest, b"".join(node_keys[i] for i in found), data_ref, description)))
         if calls:
             ready, _ = ray.wait([ref for _, ref in calls], num_returns=len(calls), timeout=self.cfg.pull_timeout_s)
             for count, ref in calls:
@@ -547,8 +557,8 @@ class ClusterNode:
                         pass
                 self.counters["replication_failed_chunks"] += count
 
-    def import_replicas(self, digest: bytes, blob: bytes, parts: list) -> int:
-        held, _ = import_chunks(self.store, REPLICA_CONN, digest, split_keys(blob), parts)
+    def import_replicas(self, digest: bytes, blob: bytes, parts: list, description: dict) -> int:
+        held, _ = import_chunks(self.store, REPLICA_CONN, digest, split_keys(blob), parts, description)
         self.wait_published(self.cfg.call_timeout_s)  # the writer's flush then covers our directory entry
         return len(held)
 
@@ -561,17 +571,36 @@ class ClusterNode:
                 "peers_rtt_us": {n: round(p.rtt_s * 1e6) for n, p in dict(self._peers).items()},
                 "counters": dict(self.counters)}
 
+    def member_stats(self, own: dict) -> dict[str, dict]:
+        """Every member's agent stats: `own` for this node, each peer's asked over Ray, all at once, with
+        cluster.call_timeout_s. A peer that fails or answers late is {"error": why}."""
+        with self._members_lock:
+            peers = dict(self._peers)
+        refs = {node: peer.handle.stats.remote() for node, peer in peers.items()}
+        ready = set(ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.cfg.call_timeout_s)[0]
+                    if refs else ())
+        out = {self.node: own}
+        for node, ref in refs.items():
+            try:
+                if ref not in ready:
+                    raise TimeoutError(f"no answer within cluster.call_timeout_s ({self.cfg.call_timeout_s} s)")
+                out[node] = ray.get(ref, timeout=0)
+            except (RayError, TimeoutError) as exc:
+                out[node] = {"error": str(exc) or type(exc).__name__}
+        return out
+
 
 class ClusterServer(AgentServer):
     """The local protocol, with the cluster behind `lookup` (arg `cluster`), `acquire` (pulls what
-    peers hold first), `flush` (also waits for replication and the directory) and `prefetch`."""
+    peers hold first), `flush` (also waits for replication and the directory), `prefetch`, and a
+    `cluster` section in its stats."""
 
     def __init__(self, store: NodeStore, socket_path: str, cluster: ClusterNode):
         super().__init__(store, socket_path)
         self.cluster = cluster
         self._handlers.update({"hello": self._cluster_hello, "lookup": self._cluster_lookup,
                                "acquire": self._cluster_acquire, "flush": self._cluster_flush,
-                               "prefetch": self._prefetch, "stats": self._cluster_stats})
+                               "prefetch": self._prefetch, "members": self._members})
 
     def _cluster_hello(self, conn: int, args: dict) -> dict:
         return {**self._hello(conn, args), "cluster": True, "node": self.cluster.node}
@@ -606,8 +635,11 @@ class ClusterServer(AgentServer):
         self.store._namespace(digest)
         return {"missing": self.cluster.prefetch(digest, self._keys(args))}
 
-    def _cluster_stats(self, conn: int, args: dict) -> dict:
-        return {**self.store.stats(), "cluster": self.cluster.stats()}
+    def stats(self) -> dict:
+        return {**super().stats(), "cluster": self.cluster.stats()}
+
+    def _members(self, conn: int, args: dict) -> dict:
+        return self.cluster.member_stats(self.stats())
 
 
 @ray.remote(num_cpus=0, max_concurrency=32, max_restarts=0)
@@ -632,10 +664,13 @@ class ClusterAgent:
 
         return {"node": self.node, "socket_path": self.server.socket_path, "pid": os.getpid(),
                 "incarnation": self.cluster.incarnation, "members": self.cluster.members(),
-                "arena_path": self.store.cpu.arena_path}
+                "arena_path": self.store.cpu.arena_path, "metrics_port": self.server.metrics_port}
 
     def ping(self) -> tuple[str, list | None]:
         return self.cluster.ping_reply()
+
+    def stats(self) -> dict:
+        return self.server.stats()
 
     def apply_updates(self, node: str, blob: bytes, bits: bytes) -> None:
         self.cluster.shard.apply(node, split_keys(blob), list(bits))
@@ -643,11 +678,11 @@ class ClusterAgent:
     def lookup_holders(self, blob: bytes) -> list:
         return self.cluster.shard.lookup(split_keys(blob))
 
-    def export_chunks(self, digest: bytes, blob: bytes) -> tuple[list[int], Any]:
+    def export_chunks(self, digest: bytes, blob: bytes) -> tuple[list[int], Any, dict]:
         return export_chunks(self.store, digest, split_keys(blob), ray.put)
 
-    def import_replicas(self, digest: bytes, blob: bytes, parts: list) -> int:
-        return self.cluster.import_replicas(digest, blob, parts)
+    def import_replicas(self, digest: bytes, blob: bytes, parts: list, description: dict) -> int:
+        return self.cluster.import_replicas(digest, blob, parts, description)
 
     def resync(self) -> None:
         self.cluster._queue_holdings()

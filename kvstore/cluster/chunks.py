@@ -22,6 +22,7 @@ from ..node import RESERVE_EXISTS, RESERVE_NO_SPACE, NodeStore
 # Connection ids of the agent's own requests to its store (clients get ids from 1 up): the store's
 # commit hook tells imports apart from client commits by them (imports are never replicated again).
 PULL_CONN, REPLICA_CONN, EXPORT_CONN = -1, -2, -3
+IMPORTED = {"imported": True}  # the description of a namespace known only from chunks received
 
 
 @contextmanager
@@ -57,13 +58,23 @@ def wire_header(header: ChunkHeader, payload: np.ndarray) -> bytes:
     return (header if header.has_checksum else header.with_checksum(payload)).pack()
 
 
-def export_chunks(store: NodeStore, digest: bytes, keys: Sequence[bytes], put) -> tuple[list[int], object]:
+def carried_description(store: NodeStore, digest: bytes) -> dict:
+    """The namespace description that travels with exported chunks, so the receiving agent knows the
+    namespace as its engine registered it (model, tenant, chunk size: what the controller needs)."""
+    try:
+        return store._namespace(digest).description or IMPORTED
+    except NotFound:
+        return IMPORTED
+
+
+def export_chunks(store: NodeStore, digest: bytes, keys: Sequence[bytes], put) -> tuple[list[int], object, dict]:
     """Hand the chunks this node holds among `keys` to `put` as [header, payload, header, payload, ...]
     (ray.put: one copy out of the arena while the chunks are pinned).
-    Returns (indexes of the keys found, what `put` returned)."""
+    Returns (indexes of the keys found, what `put` returned, the namespace's description)."""
     with pinned_chunks(store, digest, keys) as (found, pairs):
         return found, put([part for header, payload in pairs
-                           for part in (np.frombuffer(wire_header(header, payload), dtype=np.uint8), payload)])
+                           for part in (np.frombuffer(wire_header(header, payload), dtype=np.uint8), payload)]), \
+            carried_description(store, digest)
 
 
 def verified_header(raw_header, payload, key: bytes, digest: bytes) -> ChunkHeader:
@@ -77,9 +88,10 @@ def verified_header(raw_header, payload, key: bytes, digest: bytes) -> ChunkHead
 
 
 def import_chunks(store: NodeStore, conn: int, digest: bytes, keys: Sequence[bytes],
-                  parts: Sequence[np.ndarray]) -> tuple[list[int], dict[int, str]]:
+                  parts: Sequence[np.ndarray], description: dict) -> tuple[list[int], dict[int, str]]:
     """Verify chunks received for `keys` (parts as export_chunks made them, one pair per key) and store
-    them. Returns (indexes now held here, {index: reason} for the ones that were not stored)."""
+    them, registering the namespace with the `description` that came along. Returns (indexes now held
+    here, {index: reason} for the ones that were not stored)."""
     if len(parts) != 2 * len(keys):
         raise ValueError(f"{len(parts)} parts for {len(keys)} keys")
     reasons: dict[int, str] = {}
@@ -88,7 +100,7 @@ def import_chunks(store: NodeStore, conn: int, digest: bytes, keys: Sequence[byt
         raw_header, payload = parts[2 * i], parts[2 * i + 1]
         try:
             header = verified_header(raw_header, payload, key, digest)
-            store.register(digest, header.geometry, {"imported": True})
+            store.register(digest, header.geometry, description)
         except CorruptChunk:
             reasons[i] = "checksum"
             continue

@@ -35,7 +35,7 @@ from ..codec import HEADER_BYTES
 from ..errors import CorruptChunk, GeometryMismatch, InvalidArgument, KVStoreError, NotFound, ProtocolError
 from ..node import RESERVE_NO_SPACE, NodeStore, _arg, _geometry_wire, geometry_from_wire
 from ..protocol import PROTOCOL_VERSION, ConnectionClosed, FrameReader, error_reply, pack, raise_for_reply, split_keys
-from .chunks import pinned_chunks, verified_header, wire_header
+from .chunks import IMPORTED, carried_description, pinned_chunks, verified_header, wire_header
 
 log = logging.getLogger("kvstore.cluster")
 
@@ -138,7 +138,8 @@ class LinkServer:
             return
         with pinned_chunks(store, digest, keys) as (found, pairs):
             sizes = [HEADER_BYTES + payload.size for _, payload in pairs]
-            sock.sendall(pack(["ok", {"found": found, "sizes": sizes, "geometry": geometry}]))
+            sock.sendall(pack(["ok", {"found": found, "sizes": sizes, "geometry": geometry,
+                                      "description": carried_description(store, digest)}]))
             for header, payload in pairs:  # from the pinned slots to the socket: no copy in between
                 # checksummed one chunk at a time, so the puller verifies chunk k while we hash k + 1
                 sock.sendall(wire_header(header, payload))
@@ -258,7 +259,7 @@ def receive_chunks(store: NodeStore, conn_id: int, digest: bytes, keys: Sequence
     if len(found) != len(sizes) or any(not 0 <= i < len(keys) for i in found):
         raise ProtocolError("peer link: malformed export reply")
     try:
-        store.register(digest, geometry_from_wire(reply["geometry"]), {"imported": True})
+        store.register(digest, geometry_from_wire(reply["geometry"]), reply.get("description") or IMPORTED)
         writable = True
     except GeometryMismatch:
         writable = False

@@ -85,7 +85,8 @@ def serve_cluster(cfg: KVStoreConfig, address: str | None = None,
     handle = None
     try:
         handle, info = start_agent(cfg)
-        log.info("kvstore cluster agent on node %s listening on %s", info["node"][:12], info["socket_path"])
+        log.info("kvstore cluster agent on node %s listening on %s%s", info["node"][:12], info["socket_path"],
+                 f", metrics on port {info['metrics_port']}" if info.get("metrics_port") else "")
         if ready is not None:
             ready(info)
         while not stop.wait(1.0):

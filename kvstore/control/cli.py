@@ -1,7 +1,9 @@
-"""CLI commands that speak to the controller over gRPC: status, lookup, ls, evict, clear, watch.
+"""CLI commands that speak to the controller over gRPC: status, lookup, ls, evict, clear, watch, top, pin,
+unpin, move, prefetch.
 
 Each takes --address (default control.address), --token (default control.token, else the embedded
-default's token file), --output table|json and --timeout. Exit codes: 0 ok; 1 UNAVAILABLE, DEADLINE,
+default's token file), --output table|json, --timeout, and for TLS --tls-ca, --tls-cert, --tls-key
+(defaults control.tls_ca, tls_client_cert, tls_client_key; docs/control.md). Exit codes: 0 ok; 1 UNAVAILABLE, DEADLINE,
 NOT_FOUND and other runtime failures; 2 INVALID_ARGUMENT or bad usage; 3 UNAUTHENTICATED or
 PERMISSION_DENIED.
 """
@@ -44,6 +46,13 @@ def add_commands(sub, add_config_args, func) -> None:
                                  "token `kvstore serve` saved in ~/.cache/kvstore/control-token)")
         parser.add_argument("--output", choices=["table", "json"], default="table")
         parser.add_argument("--timeout", type=float, default=5.0, help="deadline of each RPC in seconds")
+        parser.add_argument("--tls-ca", default=None, metavar="PEM",
+                            help="connect with TLS, verifying the controller with this CA bundle "
+                                 "(default: control.tls_ca; none: plaintext unless --tls-cert is given)")
+        parser.add_argument("--tls-cert", default=None, metavar="PEM",
+                            help="client certificate for mTLS, with --tls-key (default: control.tls_client_cert)")
+        parser.add_argument("--tls-key", default=None, metavar="PEM",
+                            help="its private key (default: control.tls_client_key)")
         parser.set_defaults(func=func, control_command=name)
         return parser
 
@@ -55,20 +64,25 @@ def add_commands(sub, add_config_args, func) -> None:
             "Show what the store holds: per node and tier the chunks, bytes used and capacity, pinned bytes, "
             "evictions; the lookup hit rate and the namespaces the token may see.")
 
+    def prompt_args(parser) -> None:
+        """A prompt: token ids, --text with --tokenizer, or --hashes (read by _query)."""
+        namespace_arg(parser, "default: the only namespace, if there is one")
+        parser.add_argument("tokens", nargs="*", type=int, help="token ids")
+        parser.add_argument("--text", default=None, help="text to tokenize (needs --tokenizer)")
+        parser.add_argument("--tokenizer", default=None, help="a Hugging Face tokenizer directory")
+        parser.add_argument("--hashes", nargs="*", default=None, help="chunk hashes in hex instead of tokens")
+
     lookup = command("lookup", "how much of a prompt is cached, per node and tier",
                      "Look up a prompt's longest cached prefix. Give token ids (kvstore lookup 1 2 3 ...), or "
                      "--text with --tokenizer <hf dir>, or chunk hashes with --hashes.")
-    namespace_arg(lookup, "default: the only namespace, if there is one")
-    lookup.add_argument("tokens", nargs="*", type=int, help="token ids")
-    lookup.add_argument("--text", default=None, help="text to tokenize (needs --tokenizer)")
-    lookup.add_argument("--tokenizer", default=None, help="a Hugging Face tokenizer directory")
-    lookup.add_argument("--hashes", nargs="*", default=None, help="chunk hashes in hex instead of tokens")
+    prompt_args(lookup)
 
     ls = command("ls", "list cached chunks (paged)", "List chunks by namespace and tier, one page at a time.")
     namespace_arg(ls, "default: every namespace")
     ls.add_argument("--tier", choices=sorted(_TIERS_BY_NAME), default=None)
     ls.add_argument("--limit", type=int, default=100, help="page size")
     ls.add_argument("--page", default="", help="page token printed by the previous page")
+    ls.add_argument("--pinned", action="store_true", help="only chunks that pin leases hold")
 
     evict = command("evict", "drop chunks of a prompt from tiers", "Evict a prompt's chunks (tokens or --hashes).")
     namespace_arg(evict, "default: the only namespace, if there is one")
@@ -89,19 +103,55 @@ def add_commands(sub, add_config_args, func) -> None:
     watch.add_argument("--since", type=int, default=0,
                        help="replay the events after this sequence number still buffered (0: only new ones)")
 
+    pin = command("pin", "keep a prompt's chunks in the arena for a while",
+                  "Pin a prompt's stored chunks (the same arguments as lookup) in the node's arena, disk-only ones "
+                  "promoted first, so eviction skips them until the lease is released (kvstore unpin LEASE) or "
+                  "its TTL ends. Prints the lease.")
+    prompt_args(pin)
+    pin.add_argument("--ttl", type=float, default=3600.0,
+                     help="seconds the pin lasts (default 3600; at most the agent's agent.max_pin_ttl_s)")
+
+    unpin = command("unpin", "release a pin lease", "Release a lease that kvstore pin printed.")
+    unpin.add_argument("lease")
+
+    move = command("move", "move a prompt's chunks to the arena or to disk",
+                   "Move a prompt's stored chunks between this node's tiers: --to cpu promotes disk-only chunks "
+                   "into the arena; --to disk writes them to disk now and drops their arena copies (pinned ones "
+                   "stay).")
+    prompt_args(move)
+    move.add_argument("--to", required=True, choices=["cpu", "disk"], help="target tier")
+
+    prefetch = command("prefetch", "bring a prompt's chunks into the arena",
+                       "Bring a prompt's chunks into the node's arena: from disk now and, on a cluster agent, from "
+                       "other nodes in the background. Prints how many are not in the arena yet.")
+    prompt_args(prefetch)
+
+    top = command("top", "live view of nodes and tiers, with rates",
+                  "Refresh Stats every --interval seconds: per node and tier the chunks, bytes used / capacity, "
+                  "pinned bytes and evictions per second; per node the lookup and get hit rates and the rates "
+                  "(lookups, chunks served, missed and stored, bytes read from and written to disk) over the "
+                  "last interval. --output json prints one JSON object per refresh.")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    top.add_argument("--count", type=int, default=0, help="stop after this many refreshes (0: until interrupted)")
+
 
 def run(args) -> int:
     from .client import ControlClient, resolve_token
+    from .tls import ClientTLS
 
     cfg = _load(args)
     token = resolve_token(args.token, cfg.control.token)
     address = args.address or cfg.control.address
-    with ControlClient(address, token, timeout=args.timeout) as client:
+    tls = ClientTLS.from_options(args.tls_ca or cfg.control.tls_ca, args.tls_cert or cfg.control.tls_client_cert,
+                                 args.tls_key or cfg.control.tls_client_key)
+    with ControlClient(address, token, timeout=args.timeout, tls=tls) as client:
         try:
             return _COMMANDS[args.control_command](client, args)
         except grpc.RpcError as exc:
             code = exc.code()
-            print(f"kvstore: {code.name}: {exc.details()} (controller {address})", file=sys.stderr)
+            hint = " (a TLS controller? control.tls_cert is set: pass --tls-ca)" \
+                if code == grpc.StatusCode.UNAVAILABLE and tls is None and cfg.control.tls_cert else ""
+            print(f"kvstore: {code.name}: {exc.details()} (controller {address}){hint}", file=sys.stderr)
             return _EXIT_BY_CODE.get(code, EXIT_FAILURE)
         except UsageError as exc:
             print(f"kvstore: {exc}", file=sys.stderr)
@@ -241,7 +291,7 @@ def cmd_lookup(client, args) -> int:
 
 def cmd_ls(client, args) -> int:
     request = pb.ListChunksRequest(namespace=_namespace(client, args, required=False), page_size=args.limit,
-                                   page_token=args.page,
+                                   page_token=args.page, pinned_only=args.pinned,
                                    tier=_TIERS_BY_NAME[args.tier] if args.tier else pb.TIER_UNSPECIFIED)
     reply = client.ListChunks(request)
 
@@ -274,6 +324,27 @@ def cmd_clear(client, args) -> int:
                                                f"cpu, {m.disk_chunks} from disk"))
 
 
+def cmd_pin(client, args) -> int:
+    reply = client.Pin(pb.PinRequest(query=_query(client, args), ttl_s=args.ttl))
+    return _emit(args, reply, lambda m: _print(f"pinned {m.pinned_chunks} chunks for {args.ttl:g} s: lease {m.lease}"
+                                               if m.lease else "nothing pinned: none of the prompt's chunks is stored"))
+
+
+def cmd_unpin(client, args) -> int:
+    reply = client.Unpin(pb.UnpinRequest(lease=args.lease))
+    return _emit(args, reply, lambda m: _print(f"released lease {args.lease}"))
+
+
+def cmd_move(client, args) -> int:
+    reply = client.Move(pb.MoveRequest(query=_query(client, args), to_tier=_TIERS_BY_NAME[args.to]))
+    return _emit(args, reply, lambda m: _print(f"{m.moved_chunks} chunks of the prompt are in {args.to} now"))
+
+
+def cmd_prefetch(client, args) -> int:
+    reply = client.Prefetch(pb.PrefetchRequest(query=_query(client, args)))
+    return _emit(args, reply, lambda m: _print(f"{m.missing_chunks} chunks of the prompt are not in the arena"))
+
+
 def cmd_watch(client, args) -> int:
     stream = client.watch(pb.WatchEventsRequest(namespace=_namespace(client, args, required=False),
                                                 since=args.since))
@@ -301,5 +372,110 @@ def cmd_watch(client, args) -> int:
     return EXIT_OK
 
 
+# `top`: the rates shown per node, each the increase per second of an agent counter (docs/local-protocol.md
+# `stats`; missed_chunks: every miss_* counter) between two refreshes.
+_TOP_RATES = {"lookups_per_s": "lookups", "served_chunks_per_s": "get_hit_chunks",
+              "missed_chunks_per_s": "missed_chunks", "stored_chunks_per_s": "chunks_stored",
+              "disk_read_bytes_per_s": "promoted_bytes", "disk_write_bytes_per_s": "writebehind_bytes"}
+
+
+def _increase(new: int, old: int) -> int:
+    return new - old if new >= old else new  # smaller than before: the agent restarted
+
+
+def _share(part: int, other: int) -> float | None:
+    return part / (part + other) if part + other else None
+
+
+def top_view(reply, previous: dict, now: float) -> dict:
+    """One refresh of `top` as plain data: what each node holds, and its rates since the last refresh.
+    `previous` maps node -> (monotonic time, counters, evictions by tier) and is updated here; the
+    first refresh of a node has no rates (null)."""
+    nodes = []
+    for node in reply.nodes:
+        counters = dict(node.counters)
+        counters["missed_chunks"] = sum(v for k, v in counters.items() if k.startswith("miss_"))
+        evictions = {_TIER_NAMES.get(t.tier, "?"): t.evictions for t in node.tiers}
+        last = previous.get(node.node)
+        previous[node.node] = (now, counters, evictions)
+        seconds = now - last[0] if last else 0.0
+        up = {name: _increase(value, last[1].get(name, 0)) for name, value in counters.items()} if last else {}
+        tiers = []
+        for t in node.tiers:
+            name = _TIER_NAMES.get(t.tier, "?")
+            tiers.append({"tier": name, "chunks": t.chunks, "used_bytes": t.used_bytes,
+                          "capacity_bytes": t.capacity_bytes, "pinned_bytes": t.pinned_bytes,
+                          "evictions": t.evictions, "evictions_per_s": _increase(t.evictions, last[2].get(name, 0))
+                          / seconds if seconds > 0 else None})
+        rates = None
+        if seconds > 0:
+            rates = {shown: up.get(name, 0) / seconds for shown, name in _TOP_RATES.items()}
+            rates["lookup_hit_rate"] = _share(up.get("lookup_hit_chunks", 0), up.get("lookup_miss_chunks", 0))
+            rates["get_hit_rate"] = _share(up.get("get_hit_chunks", 0), up.get("missed_chunks", 0))
+        nodes.append({"node": node.node, "lookup_hit_rate": node.hit_rate, "tiers": tiers,
+                      "interval_s": seconds or None, "rates": rates})
+    return {"time": time.time(), "nodes": nodes}
+
+
+def _top_tables(view: dict) -> list:
+    from ..stats import human_bytes
+
+    def rate(value, unit: str = "/s", scale=lambda v: f"{v:.1f}") -> str:
+        return "-" if value is None else f"{scale(value)}{unit}"
+
+    things: list = [time.strftime("kvstore top  %H:%M:%S", time.localtime(view["time"]))]
+    for node in view["nodes"]:
+        r = node["rates"] or {}
+        table = _table(f"node {node['node']}: lookup hit rate {node['lookup_hit_rate']:.1%} overall, "
+                       f"{rate(r.get('lookup_hit_rate'), '', '{:.1%}'.format)} now; "
+                       f"get hit rate {rate(r.get('get_hit_rate'), '', '{:.1%}'.format)} now",
+                       ["tier", "chunks", "used / capacity", "use", "pinned", "evictions/s"])
+        for t in node["tiers"]:
+            use = t["used_bytes"] / t["capacity_bytes"] if t["capacity_bytes"] else 0.0
+            table.add_row(t["tier"], str(t["chunks"]),
+                          f"{human_bytes(t['used_bytes'])} / {human_bytes(t['capacity_bytes'])}", f"{use:.1%}",
+                          human_bytes(t["pinned_bytes"]), rate(t["evictions_per_s"]))
+        things.append(table)
+        things.append(f"lookups {rate(r.get('lookups_per_s'))}  chunks served {rate(r.get('served_chunks_per_s'))}, "
+                      f"missed {rate(r.get('missed_chunks_per_s'))}, stored {rate(r.get('stored_chunks_per_s'))}  "
+                      f"disk read {rate(r.get('disk_read_bytes_per_s'), '/s', human_bytes)}, "
+                      f"write {rate(r.get('disk_write_bytes_per_s'), '/s', human_bytes)}")
+    return things
+
+
+def cmd_top(client, args) -> int:
+    if args.interval <= 0 or args.count < 0:
+        raise UsageError("top needs --interval > 0 and --count >= 0")
+    from rich.console import Console, Group
+    from rich.live import Live
+
+    console = Console()
+    live = Live(console=console, auto_refresh=False) if args.output != "json" and console.is_terminal else None
+    previous: dict = {}
+    shown = 0
+    try:
+        if live is not None:
+            live.start()
+        while True:
+            view = top_view(client.Stats(pb.StatsRequest()), previous, time.monotonic())
+            if args.output == "json":
+                print(json.dumps(view), flush=True)
+            elif live is not None:
+                live.update(Group(*_top_tables(view)), refresh=True)
+            else:  # not a terminal: one block per refresh
+                _print(*_top_tables(view))
+            shown += 1
+            if args.count and shown >= args.count:
+                break
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if live is not None:
+            live.stop()
+    return EXIT_OK
+
+
 _COMMANDS = {"status": cmd_status, "lookup": cmd_lookup, "ls": cmd_ls, "evict": cmd_evict, "clear": cmd_clear,
-             "watch": cmd_watch}
+             "watch": cmd_watch, "top": cmd_top, "pin": cmd_pin, "unpin": cmd_unpin, "move": cmd_move,
+             "prefetch": cmd_prefetch}

@@ -1,4 +1,4 @@
-"""Talking to a controller: a channel and the bearer token the CLI and tests send."""
+"""Talking to a controller: a channel (plaintext or TLS) and the bearer token the CLI and tests send."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import grpc
 
 from ..proto import kvstore_pb2_grpc as pb_grpc
 from .auth import default_token_path
+from .tls import ClientTLS
 
 
 def resolve_token(explicit: str | None, configured: str = "") -> str | None:
@@ -22,10 +23,11 @@ def resolve_token(explicit: str | None, configured: str = "") -> str | None:
 
 
 class ControlClient:
-    """A ControlService stub whose calls carry the token and a deadline."""
+    """A ControlService stub whose calls carry the token and a deadline; over TLS when `tls` is given
+    (ConfigError naming the file if one cannot be read)."""
 
-    def __init__(self, address: str, token: str | None = None, timeout: float = 5.0):
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, address: str, token: str | None = None, timeout: float = 5.0, tls: ClientTLS | None = None):
+        self.channel = grpc.secure_channel(address, tls.credentials()) if tls else grpc.insecure_channel(address)
         self.stub = pb_grpc.ControlServiceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout

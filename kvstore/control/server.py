@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from ..client import AgentConnection, namespace_bits, stored_prefix
 from ..config import KVStoreConfig
@@ -31,6 +33,7 @@ from ..protocol import PROTOCOL_VERSION
 from ..tiers.memory import pack_keys
 from ..proto import kvstore_pb2_grpc as pb_grpc
 from .auth import ANYONE, AuthFailed, Principal, TokenAuth
+from .tls import server_credentials, server_scheme
 
 log = logging.getLogger("kvstore.control")
 
@@ -38,10 +41,13 @@ log = logging.getLogger("kvstore.control")
 TIER_TO_PB = {TIER_NONE: pb.TIER_UNSPECIFIED, TIER_GPU: pb.TIER_GPU, TIER_CPU: pb.TIER_CPU,
               TIER_DISK: pb.TIER_DISK, TIER_REMOTE: pb.TIER_REMOTE}
 PB_TO_TIER = {v: k for k, v in TIER_TO_PB.items()}
-_EVICTABLE = {pb.TIER_CPU: "cpu", pb.TIER_DISK: "disk"}
+_LOCAL_TIERS = {pb.TIER_CPU: "cpu", pb.TIER_DISK: "disk"}  # what Evict and Move name on the agent
 MAX_PAGE = 10_000
 _WATCH_POLL_S = 0.05  # how often a watcher asks the agent for new events when there were none
 _TIER_BY_NAME = {name: code for code, name in TIER_NAMES.items()}
+_MOVE_MARGIN_S = 0.1  # the agent stops waiting for disk writes this long before the call's deadline
+_HEALTH_CHECK_S = 1.0  # how often the grpc.health.v1 status is refreshed from the agent
+CONTROL_SERVICE = pb.DESCRIPTOR.services_by_name["ControlService"].full_name  # "kvstore.v1.ControlService"
 
 
 class PermissionDenied(Exception):
@@ -102,16 +108,25 @@ class AgentPool:
         finally:
             self._slots.release()
 
+    def is_cluster(self, timeout: float) -> bool:
+        """Whether the agent is a cluster member (its hello says so): lookups then ask the cluster."""
+        with self._directory_lock:
+            return self._directory(timeout).cluster
+
+    def _directory(self, timeout: float) -> AgentConnection:
+        """The connection whose mapping of the node directory lookups read (caller holds the lock)."""
+        if self._directory_conn is None:
+            self._directory_conn = AgentConnection(self.socket_path, timeout=timeout)
+            self._ns_ids = {}  # another agent (or the same restarted) may number namespaces otherwise
+        return self._directory_conn
+
     def directory_tiers(self, digest: bytes, packed: np.ndarray, timeout: float,
                         resolve_ns_id: Callable[[bytes], int]) -> np.ndarray | None:
         """Tier bits of each key from the agent's shared node directory (the map LocalClient reads: no
         round trip; once a second one checks that the agent is alive), 0 where absent or in another
         namespace. None when the directory cannot be mapped here (then ask the agent)."""
         with self._directory_lock:
-            if self._directory_conn is None:
-                self._directory_conn = AgentConnection(self.socket_path, timeout=timeout)
-                self._ns_ids = {}  # another agent (or the same restarted) may number namespaces otherwise
-            conn = self._directory_conn
+            conn = self._directory(timeout)
             try:
                 conn.ensure_alive()
                 if conn.directory is None:
@@ -161,6 +176,44 @@ def _rpc(method: Callable) -> Callable:
             self.metrics.rpc_seconds.labels(name, code.name).observe(time.perf_counter() - started)
 
     return wrapper
+
+
+def _parse_lease(lease: str) -> tuple[bytes, int]:
+    """(namespace digest, agent lease id) of a lease string from Pin: "<namespace hex>-<id>"."""
+    ns_hex, _, lid = lease.partition("-")
+    try:
+        digest = bytes.fromhex(ns_hex)
+        if len(digest) == 16 and lid.isdigit():
+            return digest, int(lid)
+    except ValueError:
+        pass
+    raise InvalidArgument(f"{lease!r} is not a lease from Pin (<namespace hex>-<id>)")
+
+
+def _tier_counts(tiers: bytes) -> np.ndarray:
+    """How many chunks each tier code holds among tier codes."""
+    return np.bincount(np.frombuffer(tiers, dtype=np.uint8), minlength=len(TIER_NAMES) + 1)
+
+
+def _node_match(node: str, chunks: int, tiers: bytes, chunk_tokens: int) -> pb.NodeMatch:
+    counts = _tier_counts(tiers)
+    return pb.NodeMatch(node=node, matched_chunks=chunks, matched_tokens=chunks * chunk_tokens,
+                        tiers=[TIER_TO_PB[t] for t in tiers],
+                        per_tier=[pb.TierCount(tier=TIER_TO_PB[c], chunks=int(counts[c]))
+                                  for c in TIER_NAMES if counts[c]])
+
+
+def _node_stats(node: str, stats: dict, namespaces: list) -> pb.NodeStats:
+    """One node's NodeStats from its agent's stats reply."""
+    counters = stats["counters"]
+    hits, misses = counters.get("lookup_hit_chunks", 0), counters.get("lookup_miss_chunks", 0)
+    tiers = [pb.TierStats(tier=TIER_TO_PB[_TIER_BY_NAME[name]], chunks=t.get("chunks", 0),
+                          used_bytes=t.get("used_bytes", t.get("bytes_used", 0)),
+                          capacity_bytes=t.get("capacity_bytes", 0), pinned_bytes=t.get("pinned_bytes", 0),
+                          evictions=t.get("evictions", t.get("evicted_chunks", 0)))
+             for name, t in stats["tiers"].items()]
+    return pb.NodeStats(node=node, tiers=tiers, counters={k: int(v) for k, v in counters.items()},
+                        namespaces=namespaces, hit_rate=hits / (hits + misses) if hits + misses else 0.0)
 
 
 class ControlServicer(pb_grpc.ControlServiceServicer):
@@ -279,63 +332,80 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         return namespace
 
     # ---- RPCs ------------------------------------------------------------------------------------
+    def match(self, digest: bytes, keys: list[bytes], context) -> tuple[int, bytes, dict[str, tuple[int, bytes]]]:
+        """(matched chunks anywhere, tier code of each, {node: (its prefix in chunks, tier codes)}).
+        In front of a cluster agent: its cluster lookup (every holder node; tier `remote` for chunks only
+        other nodes hold); else this node's directory."""
+        if keys and self.agent.is_cluster(self.timeout(context)):
+            reply = self.call("lookup", {"ns": digest, "keys": b"".join(keys), "cluster": True}, context)
+            nodes = {node: (int(held["chunks"]), held["tiers"]) for node, held in reply["nodes"].items()
+                     if held["chunks"]}
+            return reply["matched"], reply["tiers"], nodes
+        matched, tiers = self.prefix(digest, keys, context)
+        return matched, tiers, ({self.node: (matched, tiers)} if matched else {})
+
     @_rpc
     def Lookup(self, request, context, principal):
         digest, keys, chunk_tokens = self.keys_of(request.query, principal, context)
-        matched, tiers = self.prefix(digest, keys, context)
-        counts = np.bincount(np.frombuffer(tiers, dtype=np.uint8), minlength=len(TIER_NAMES) + 1)
+        matched, tiers, nodes = self.match(digest, keys, context)
+        counts = _tier_counts(tiers)
         for code, name in TIER_NAMES.items():
             if counts[code]:
                 self.metrics.lookup_chunks.labels(name).inc(int(counts[code]))
         if len(keys) > matched:
             self.metrics.lookup_chunks.labels("none").inc(len(keys) - matched)
-        node = pb.NodeMatch(node=self.node, matched_chunks=matched, matched_tokens=matched * chunk_tokens,
-                            tiers=[TIER_TO_PB[t] for t in tiers],
-                            per_tier=[pb.TierCount(tier=TIER_TO_PB[c], chunks=int(counts[c]))
-                                      for c in TIER_NAMES if counts[c]])
         return pb.LookupResponse(query_chunks=len(keys), matched_chunks=matched,
                                  matched_tokens=matched * chunk_tokens, chunk_tokens=chunk_tokens,
-                                 nodes=[node] if matched else [])
+                                 nodes=[_node_match(node, run, node_tiers, chunk_tokens)
+                                        for node, (run, node_tiers) in sorted(nodes.items(), key=lambda n: -n[1][0])])
 
     @_rpc
     def Score(self, request, context, principal):
         digest, keys, chunk_tokens = self.keys_of(request.query, principal, context)
-        matched, _ = self.prefix(digest, keys, context)
-        return pb.ScoreResponse(matched_tokens_by_node={self.node: matched * chunk_tokens})
+        _, _, nodes = self.match(digest, keys, context)
+        return pb.ScoreResponse(matched_tokens_by_node={node: run * chunk_tokens for node, (run, _) in nodes.items()})
+
+    def node_stats(self, context) -> dict[str, dict]:
+        """Agent stats by node: every cluster member's (a member that did not answer: {"error": why}),
+        or this node's."""
+        if self.agent.is_cluster(self.timeout(context)):
+            return self.call("members", {}, context)
+        return {self.node: self.call("stats", {}, context)}
 
     @_rpc
     def Stats(self, request, context, principal):
-        stats = self.call("stats", {}, context)
         visible = self.visible(principal, context)
-        counters = stats["counters"]
-        hits, misses = counters.get("lookup_hit_chunks", 0), counters.get("lookup_miss_chunks", 0)
-        tiers = []
-        for name, t in stats["tiers"].items():
-            tiers.append(pb.TierStats(tier=TIER_TO_PB[_TIER_BY_NAME[name]],
-                                      chunks=t.get("chunks", 0),
-                                      used_bytes=t.get("used_bytes", t.get("bytes_used", 0)),
-                                      capacity_bytes=t.get("capacity_bytes", 0),
-                                      pinned_bytes=t.get("pinned_bytes", 0),
-                                      evictions=t.get("evictions", t.get("evicted_chunks", 0))))
-        node = pb.NodeStats(node=self.node, tiers=tiers, counters={k: int(v) for k, v in counters.items()},
-                            namespaces=[pb.NamespaceInfo(digest=d, description={k: str(v) for k, v in desc.items()})
-                                        for d, desc in visible.items()],
-                            hit_rate=hits / (hits + misses) if hits + misses else 0.0)
-        return pb.StatsResponse(nodes=[node])
+        namespaces = [pb.NamespaceInfo(digest=d, description={k: str(v) for k, v in desc.items()})
+                      for d, desc in visible.items()]
+        answered = [(node, stats) for node, stats in self.node_stats(context).items() if "error" not in stats]
+        # the namespaces are those the agent in front of us knows (its node comes first)
+        return pb.StatsResponse(nodes=[_node_stats(node, stats, namespaces if i == 0 else [])
+                                       for i, (node, stats) in enumerate(answered)])
 
     @_rpc
     def Health(self, request, context, principal):
+        reason = self.agent_problem(self.timeout(context))
+        if reason:
+            return pb.HealthResponse(status=pb.HealthResponse.NOT_SERVING, message=reason, nodes={self.node: reason})
+        if not self.agent.is_cluster(self.timeout(context)):
+            return pb.HealthResponse(status=pb.HealthResponse.SERVING, nodes={self.node: "serving"})
+        nodes = {node: stats.get("error", "serving") for node, stats in self.node_stats(context).items()}
+        down = sorted(node for node, state in nodes.items() if state != "serving")
+        # The controller serves while its own agent does; members that did not answer are named.
+        return pb.HealthResponse(status=pb.HealthResponse.SERVING, nodes=nodes,
+                                 message=f"{len(down)} of {len(nodes)} nodes not answering" if down else "")
+
+    def agent_problem(self, timeout: float) -> str:
+        """Why the agent is not serving ("" if it answers `hello` within `timeout`): what Health and the
+        grpc.health.v1 status report."""
         try:
-            self.call("hello", {"version": PROTOCOL_VERSION}, context)
+            self.agent.call("hello", {"version": PROTOCOL_VERSION}, timeout)
         except KVStoreError as exc:
-            return pb.HealthResponse(status=pb.HealthResponse.NOT_SERVING, message=str(exc),
-                                     nodes={self.node: str(exc)})
-        return pb.HealthResponse(status=pb.HealthResponse.SERVING, nodes={self.node: "serving"})
+            return str(exc) or type(exc).__name__
+        return ""
 
     @_rpc
     def ListChunks(self, request, context, principal):
-        if request.pinned_only:
-            raise Unimplemented("pinned_only is not supported yet")
         if request.tier not in PB_TO_TIER:
             raise InvalidArgument(f"unknown tier {request.tier}")
         page_size = request.page_size or 1000
@@ -349,7 +419,8 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             raise InvalidArgument(f"bad page_token {request.page_token!r}")
         if request.node and request.node != self.node:
             return pb.ListChunksResponse()
-        args: dict = {"tier": PB_TO_TIER[request.tier], "start": start, "limit": page_size}
+        args: dict = {"tier": PB_TO_TIER[request.tier], "start": start, "limit": page_size,
+                      "pinned": request.pinned_only}
         if request.namespace:
             self.describe(request.namespace, principal, context)
             args["ns"] = request.namespace
@@ -363,10 +434,10 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
     @_rpc
     def Evict(self, request, context, principal):
         digest, keys, _ = self.keys_of(request.query, principal, context)
-        unknown = [t for t in request.tiers if t not in _EVICTABLE]
+        unknown = [t for t in request.tiers if t not in _LOCAL_TIERS]
         if unknown:
             raise InvalidArgument(f"Evict takes tiers TIER_CPU and TIER_DISK, not {unknown}")
-        tiers = [_EVICTABLE[t] for t in request.tiers] or ["cpu", "disk"]
+        tiers = [_LOCAL_TIERS[t] for t in request.tiers] or ["cpu", "disk"]
         reply = self.call("evict", {"ns": digest, "keys": b"".join(keys), "tiers": tiers}, context)
         return pb.EvictResponse(cpu_chunks=reply["cpu"], disk_chunks=reply["disk"], pinned_chunks=reply["pinned"])
 
@@ -391,19 +462,39 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
 
     @_rpc
     def Pin(self, request, context, principal):
-        raise Unimplemented("Pin needs agent leases that outlive a connection (cluster issue)")
+        digest, keys, _ = self.keys_of(request.query, principal, context)
+        reply = self.call("pin", {"ns": digest, "keys": b"".join(keys), "ttl": request.ttl_s}, context)
+        lease = f"{digest.hex()}-{reply['lease']}" if reply["lease"] else ""
+        return pb.PinResponse(pinned_chunks=reply["pinned"], lease=lease)
 
     @_rpc
     def Unpin(self, request, context, principal):
-        raise Unimplemented("Unpin needs agent leases that outlive a connection (cluster issue)")
+        digest, lid = _parse_lease(request.lease)
+        self.describe(digest, principal, context)
+        self.call("unpin", {"ns": digest, "lease": lid}, context)
+        return pb.UnpinResponse()
 
     @_rpc
     def Move(self, request, context, principal):
-        raise Unimplemented("Move is not implemented on a single node yet")
+        digest, keys, _ = self.keys_of(request.query, principal, context)
+        if request.to_node and request.to_node != self.node:
+            raise Unimplemented(f"moving chunks to another node ({request.to_node}) is not supported: this "
+                                f"controller serves node {self.node}; Prefetch through that node's controller")
+        if request.to_tier not in _LOCAL_TIERS:
+            raise InvalidArgument(f"Move takes to_tier TIER_CPU or TIER_DISK, not {request.to_tier}")
+        timeout = self.timeout(context)  # the agent answers with what is on disk by then, not an error
+        reply = self.agent.call("move", {"ns": digest, "keys": b"".join(keys), "tier": _LOCAL_TIERS[request.to_tier],
+                                         "timeout": max(0.0, timeout - _MOVE_MARGIN_S)}, timeout)
+        return pb.MoveResponse(moved_chunks=reply["moved"])
 
     @_rpc
     def Prefetch(self, request, context, principal):
-        raise Unimplemented("Prefetch needs the cluster (remote pulls)")
+        digest, keys, _ = self.keys_of(request.query, principal, context)
+        blob = b"".join(keys)
+        if self.agent.is_cluster(self.timeout(context)):
+            self.call("prefetch", {"ns": digest, "keys": blob}, context)  # pulls from peers start in the background
+        reply = self.call("move", {"ns": digest, "keys": blob, "tier": "cpu"}, context)
+        return pb.PrefetchResponse(missing_chunks=len(keys) - reply["moved"])
 
     def WatchEvents(self, request, context):
         started = time.perf_counter()
@@ -459,7 +550,12 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
 
 
 class ControlServer:
-    """A gRPC server with the ControlService (and its metrics endpoint) for the agent at `socket_path`."""
+    """A gRPC server with the ControlService (and its metrics endpoint) for the agent at `socket_path`.
+
+    Beside it, without a token: the standard grpc.health.v1 Health service, whose status for "" and
+    for kvstore.v1.ControlService a background thread keeps equal to whether the agent answers (checked
+    every _HEALTH_CHECK_S), and server reflection (v1alpha). Plaintext, or TLS / mTLS (control.tls_*).
+    """
 
     def __init__(self, cfg: KVStoreConfig, socket_path: str | None = None, auth: TokenAuth | None = None):
         self.cfg = cfg
@@ -472,25 +568,65 @@ class ControlServer:
                                                               thread_name_prefix="kvstore-control"),
                                    options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_ControlServiceServicer_to_server(self.servicer, self._server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection((CONTROL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                            self._server)
+        self._health_status: int | None = None
+        self._stopping = threading.Event()
+        self._health_thread = threading.Thread(target=self._watch_agent, name="kvstore-control-health", daemon=True)
+        self.scheme = server_scheme(cfg.control)  # "plaintext", "TLS" or "mTLS"
         self.port = 0
         self.metrics_port = 0
 
     def start(self) -> "ControlServer":
-        """Bind and serve; raises OSError if the address (or the metrics address) cannot be bound."""
-        host, _, _ = self.cfg.control.address.rpartition(":")
+        """Bind and serve; raises OSError if the address (or the metrics address) cannot be bound, and
+        ConfigError naming the key if a TLS file (control.tls_*) cannot be read."""
+        address = self.cfg.control.address
+        host, _, _ = address.rpartition(":")
+        credentials = server_credentials(self.cfg.control)
         try:
-            self.port = self._server.add_insecure_port(self.cfg.control.address)
+            if credentials is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                self.port = self._server.add_secure_port(address, credentials)
         except RuntimeError as exc:
-            raise OSError(f"cannot listen on {self.cfg.control.address}: {exc}") from None
+            raise OSError(f"cannot listen on {address}: {exc}") from None
         if not self.port:
-            raise OSError(f"cannot listen on {self.cfg.control.address}")
+            raise OSError(f"cannot listen on {address}")
         if self.cfg.control.metrics_address:
             self.metrics_port = self.metrics.serve(self.cfg.control.metrics_address)
+        self._refresh_health()  # the first Check already tells the truth
         self._server.start()
+        self._health_thread.start()
         self.address = f"{host}:{self.port}"
         return self
 
+    def _refresh_health(self) -> None:
+        """Set the grpc.health.v1 status of "" and of ControlService from the agent (only on a change,
+        so that Watch streams see changes, not every check)."""
+        try:
+            problem = self.servicer.agent_problem(self.cfg.control.call_timeout_s)
+        except Exception as exc:  # not a known agent failure, but not health either
+            log.exception("health check failed")
+            problem = f"health check failed: {exc!r}"
+        status = health_pb2.HealthCheckResponse.NOT_SERVING if problem else health_pb2.HealthCheckResponse.SERVING
+        if status != self._health_status:
+            if problem:
+                log.warning("agent not serving: %s", problem)
+            self._health_status = status
+            for service in ("", CONTROL_SERVICE):
+                self.health.set(service, status)
+
+    def _watch_agent(self) -> None:
+        while not self._stopping.wait(_HEALTH_CHECK_S):
+            self._refresh_health()
+
     def stop(self, grace: float = 1.0) -> None:
+        self._stopping.set()
+        self.health.enter_graceful_shutdown()  # NOT_SERVING to Check and Watch while draining
         self._server.stop(grace).wait(grace + 1)
+        if self._health_thread.is_alive():
+            self._health_thread.join(self.cfg.control.call_timeout_s + 1)
         self.metrics.close()
         self.servicer.close()

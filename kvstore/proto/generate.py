@@ -2,8 +2,9 @@
 
     python -m kvstore.proto.generate
 
-Use grpcio-tools 1.78 (code from 1.85 refuses protobuf runtimes below 7.35; 1.78's imports on 6.31+ and
-7.x). protoc writes `import kvstore_pb2`; the package needs a relative import, fixed here.
+`make proto` runs it with grpcio-tools 1.78 in a venv of its own (.venv-proto): code from 1.78 imports on
+protobuf 6.31+ and 7.x (newer grpcio-tools write code that demands their own protobuf major). protoc writes
+`import kvstore_pb2`; the package needs a relative import, fixed here.
 """
 
 from __future__ import annotations

@@ -197,6 +197,14 @@ class MemoryTier:
         """(offsets, nbytes, namespace ids) for live entries, vectorised."""
         return self._offset[eids], self._nbytes[eids], self._ns[eids]
 
+    def flags(self, eids: np.ndarray) -> np.ndarray:
+        """Flags of live entries, vectorised."""
+        return self._flags[eids]
+
+    def pin_counts(self, eids: np.ndarray) -> np.ndarray:
+        """Pin counts of live entries, vectorised."""
+        return self._pins[eids]
+
     def touch(self, eids: np.ndarray) -> None:
         with self.lock:
             self.policy.touched(eids)

@@ -298,3 +298,40 @@ def test_ray_listens_only_on_loopback(cluster):
     assert len(listening) >= 3, listening  # GCS, raylets, object managers, workers: there are some
     outside = [entry for entry in listening if not _is_loopback(entry[1])]
     assert not outside, outside
+
+
+def test_controller_in_front_of_one_agent_answers_for_every_node(cluster):
+    """A real ControlServer on loopback in front of agent a: Lookup, Score, Stats and Health speak for
+    the whole cluster (the holders as each node's own store knows them, every member's tiers)."""
+    from kvstore.config import load_config
+    from kvstore.control.client import ControlClient
+    from kvstore.control.server import ControlServer
+    from kvstore.proto import kvstore_pb2 as pb
+
+    from ..conftest import SMALL_NS
+
+    b = cluster["b"].client()
+    keys = b.keys(_prefix_tokens(5, base=9))
+    b.put(keys, small_chunks(5, seed=19))
+    assert b.flush(timeout=30)
+    expected = _holder_prefixes(cluster, keys)
+    cfg = load_config(env={}, overrides={"agent.socket_path": cluster["a"].socket_path, "control.insecure": True,
+                                         "control.address": "127.0.0.1:0", "control.metrics_address": ""})
+    server = ControlServer(cfg).start()
+    try:
+        with ControlClient(server.address, timeout=10) as control:
+            query = pb.ChunkQuery(namespace=SMALL_NS.digest, chunk_hashes_packed=b"".join(keys))
+            reply = control.Lookup(pb.LookupRequest(query=query))
+            assert reply.matched_chunks == 5
+            assert {n.node: n.matched_chunks for n in reply.nodes} == expected
+            assert list(next(n for n in reply.nodes if n.node == cluster["b"].node_id).tiers) == [pb.TIER_CPU] * 5
+            score = control.Score(pb.ScoreRequest(query=query))
+            assert dict(score.matched_tokens_by_node) == {n: c * SMALL_NS.chunk_tokens for n, c in expected.items()}
+            stats = control.Stats(pb.StatsRequest())
+            assert sorted(n.node for n in stats.nodes) == sorted(a.node_id for a in cluster.agents.values())
+            assert all(any(t.tier == pb.TIER_CPU and t.capacity_bytes > 0 for t in n.tiers) for n in stats.nodes)
+            health = control.Health(pb.HealthRequest())
+            assert health.status == pb.HealthResponse.SERVING
+            assert dict(health.nodes) == {a.node_id: "serving" for a in cluster.agents.values()}
+    finally:
+        server.stop(0)

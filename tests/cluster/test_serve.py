@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,14 +12,25 @@ import psutil
 import torch
 
 from kvstore.client import LocalClient
+from kvstore.control.client import ControlClient
+from kvstore.proto import kvstore_pb2 as pb
 
 from .test_cluster import _is_loopback
 from ..conftest import SMALL, SMALL_NS, agent_settings, clean_env, small_chunks, tokens, write_config
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_serve_cluster_starts_embedded_ray_and_serves_the_local_protocol(tmp_path):
+    address = f"127.0.0.1:{_free_port()}"
     settings = agent_settings(tmp_path, **{"cluster.namespace": "kvstore-serve-test",
-                                           "cluster.object_store_bytes": "96MiB"})
+                                           "cluster.object_store_bytes": "96MiB", "control.enabled": True,
+                                           "control.address": address, "control.metrics_address": "",
+                                           "control.token": "serve-test-token"})
     config = write_config(tmp_path, settings)
     socket_path = settings["agent.socket_path"]
     env = clean_env(RAY_AUTH_MODE="disabled")
@@ -39,6 +51,15 @@ def test_serve_cluster_starts_embedded_ray_and_serves_the_local_protocol(tmp_pat
         result = client.cluster_lookup(keys)
         assert result.chunks == 3 and [n for _, n, _ in result.nodes] == [3]  # one node: this one
         assert torch.equal(client.get(keys), data)
+        # The controller runs in front of the cluster agent and answers with the cluster's nodes.
+        with ControlClient(address, "serve-test-token", timeout=10) as control:
+            query = pb.ChunkQuery(namespace=SMALL_NS.digest, chunk_hashes_packed=b"".join(keys))
+            reply = control.Lookup(pb.LookupRequest(query=query), wait_for_ready=True)  # it starts just after
+            assert reply.matched_chunks == 3
+            assert [(n.node, n.matched_chunks) for n in reply.nodes] == [(result.node, 3)]  # the Ray node id
+            assert list(reply.nodes[0].tiers) == [pb.TIER_CPU] * 3
+            score = control.Score(pb.ScoreRequest(query=query))
+            assert dict(score.matched_tokens_by_node) == {result.node: 3 * SMALL_NS.chunk_tokens}
         client.close()
         listening = [(p.name(), c.laddr.ip) for p in psutil.Process(proc.pid).children(recursive=True)
                      for c in _connections(p) if c.status == psutil.CONN_LISTEN]

@@ -129,15 +129,22 @@ def test_evict_then_clear_namespace_and_tenant(control):
     assert control.agent.store.stats()["tiers"]["cpu"]["chunks"] == 0
 
 
-def test_unimplemented_rpcs_say_so(control):
+def test_pin_unpin_move_prefetch_check_their_input(control):
+    """Served now (tests/control/test_pin_move.py); bad input is refused with the RPC's name."""
+    put(control.agent, NS_A, 1)
     client = control.client()
     query = pb.ChunkQuery(namespace=NS_A.digest, token_ids=[1] * 16)
-    for call, request in [(client.Pin, pb.PinRequest(query=query)), (client.Unpin, pb.UnpinRequest(lease="x")),
-                          (client.Move, pb.MoveRequest(query=query)),
-                          (client.Prefetch, pb.PrefetchRequest(query=query))]:
+    unknown = pb.ChunkQuery(namespace=b"\x01" * 16, token_ids=[1] * 16)
+    for name, request, code in [("Pin", pb.PinRequest(query=query), Code.INVALID_ARGUMENT),  # no ttl_s
+                                ("Pin", pb.PinRequest(query=unknown, ttl_s=60), Code.NOT_FOUND),
+                                ("Unpin", pb.UnpinRequest(lease="x"), Code.INVALID_ARGUMENT),
+                                ("Move", pb.MoveRequest(query=query), Code.INVALID_ARGUMENT),  # no to_tier
+                                ("Move", pb.MoveRequest(query=unknown, to_tier=pb.TIER_CPU), Code.NOT_FOUND),
+                                ("Prefetch", pb.PrefetchRequest(query=pb.ChunkQuery(namespace=b"abc")),
+                                 Code.INVALID_ARGUMENT)]:
         with pytest.raises(grpc.RpcError) as info:
-            call(request)
-        assert info.value.code() == Code.UNIMPLEMENTED and info.value.details()
+            getattr(client, name)(request)
+        assert info.value.code() == code and info.value.details().startswith(f"{name}: "), (name, request)
 
 
 def test_auth_missing_bad_and_other_tenant(control):

@@ -1,0 +1,110 @@
+"""Metrics of cluster agents: remote gets are timed and counted as `remote` (over a peer link and over
+Ray), pulled bytes move `kvstore_transfer_bytes_total{path="remote_to_cpu"}`, and `kvstore serve
+--cluster` serves the agent's own endpoint (agent.metrics_address) from the actor process."""
+
+from __future__ import annotations
+
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from kvstore.client import AgentConnection, LocalClient
+from kvstore.metrics import AgentCollector
+
+from ..conftest import SMALL, SMALL_NS, agent_settings, clean_env, small_chunks, tokens, write_config
+from ..test_metrics_agent import scrape, value
+
+
+@pytest.fixture
+def cluster(ray_cluster):
+    for agent in ray_cluster.agents.values():
+        if agent.handle is None:
+            agent.start()
+    ray_cluster.wait_members(3)
+    return ray_cluster
+
+
+def samples(socket_path: str) -> dict[tuple[str, tuple], float]:
+    """The agent's families as the controller would export them: its stats op, read over the socket."""
+    conn = AgentConnection(socket_path)
+    try:
+        families = AgentCollector(lambda: conn.call("stats", {})).collect()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+    finally:
+        conn.close()
+
+
+def test_remote_gets_are_timed_and_counted_as_remote(cluster):
+    a = cluster["a"].client()
+    keys = a.keys(tokens(5, start=77_000_000))
+    data = small_chunks(5, seed=77)
+    assert a.put(keys, data).stored == 5
+    assert a.flush(timeout=30)
+    for name in ("b", "c"):  # drop the replicas: a is the only holder
+        other = cluster[name].client()
+        other.evict(keys, tiers=("cpu", "disk"))
+        assert other.flush(timeout=30)
+        other.close()
+    for name in ("b", "c"):  # b pulls over its peer link, c over Ray
+        before = samples(cluster[name].socket_path)
+        client = cluster[name].client()
+        assert torch.equal(client.get(keys), data), name
+        client.close()
+        after = samples(cluster[name].socket_path)
+        moved = {key: after[key] - before.get(key, 0) for key in after}
+        assert moved[("kvstore_get_hit_tokens_total", (("tier", "remote"),))] == 5 * SMALL.tokens, name
+        assert moved[("kvstore_get_hit_tokens_total", (("tier", "cpu"),))] == 0, name
+        assert moved[("kvstore_agent_request_seconds_count", (("op", "acquire"), ("tier", "remote")))] == 1, name
+        assert moved[("kvstore_transfer_bytes_total", (("path", "remote_to_cpu"),))] >= 5 * SMALL.nbytes, name
+    a.close()
+
+
+def test_serve_cluster_exposes_the_agents_own_metrics_endpoint(tmp_path):
+    settings = agent_settings(tmp_path, **{"cluster.namespace": "kvstore-metrics-test",
+                                           "cluster.object_store_bytes": "96MiB",
+                                           "agent.metrics_address": "127.0.0.1:0"})
+    env = clean_env(RAY_AUTH_MODE="disabled")
+    proc = subprocess.Popen([sys.executable, "-m", "kvstore.cli", "serve", "--cluster", "--config",
+                             str(write_config(tmp_path, settings))],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+        port, seen = None, []
+        deadline = time.monotonic() + 120
+        while port is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                seen.append(lines.get(timeout=1.0))
+            except queue.Empty:
+                continue
+            match = re.search(r"agent ready on .* metrics on http://127\.0\.0\.1:(\d+)/metrics", seen[-1])
+            port = int(match.group(1)) if match else None
+        assert port, "".join(seen)
+        before = scrape(port)
+        assert value(before, "kvstore_agent_up") == 1
+        assert ("kvstore_transfer_bytes_total", (("path", "remote_to_cpu"),)) in before
+        client = LocalClient(SMALL_NS, SMALL, socket_path=settings["agent.socket_path"])
+        keys = client.keys(tokens(3))
+        client.put(keys, small_chunks(3))
+        client.get(keys)
+        assert client.conn.call("stats", {})["metrics_port"] == port
+        client.close()
+        after = scrape(port)
+        assert value(after, "kvstore_agent_request_seconds_count", op="acquire", tier="cpu") == 1
+        assert value(after, "kvstore_get_hit_tokens_total", tier="cpu") == 3 * SMALL.tokens
+        assert value(after, "kvstore_tier_chunks", tier="cpu") == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0
