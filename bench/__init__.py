@@ -15,13 +15,36 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import yaml
 
 
 def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def timed_calls(fn: Callable[[int], Any], n: int, warmup: int = 50,
+                check: Callable[[Any], None] | None = None) -> list[float]:
+    """Seconds taken by each of `n` calls fn(i), after min(warmup, n) untimed ones; `check(result)`
+    runs on every timed call's result, outside the timed part."""
+    for i in range(min(warmup, n)):
+        fn(i)
+    samples = []
+    for i in range(n):
+        start = time.perf_counter()
+        result = fn(i)
+        samples.append(time.perf_counter() - start)
+        if check is not None:
+            check(result)
+    return samples
+
+
+def percentiles_us(samples_s) -> tuple[float, float]:
+    """(p50, p99) in microseconds, rounded to 0.1, of samples in seconds."""
+    us = np.asarray(samples_s, dtype=float) * 1e6
+    return round(float(np.percentile(us, 50)), 1), round(float(np.percentile(us, 99)), 1)
 
 
 @contextlib.contextmanager

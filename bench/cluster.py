@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from . import log
+from . import log, percentiles_us, timed_calls
 
 PREFIX_CHUNKS = 128
 LOOKUP_SAMPLES = 1000
@@ -137,14 +137,9 @@ def _lookup_latency(namespace, sockets, client_class) -> tuple[float, float]:
     writer.put(keys, torch.zeros((PREFIX_CHUNKS, *tiny.shape), dtype=tiny.torch_dtype))
     writer.flush(timeout=60)
     reader = client_class(writer.namespace, tiny, socket_path=sockets[-1])
-    for _ in range(50):
-        reader.cluster_lookup(keys)
-    samples = []
-    for _ in range(LOOKUP_SAMPLES):
-        start = time.perf_counter()
-        result = reader.cluster_lookup(keys)
-        samples.append(time.perf_counter() - start)
+
+    def found_all(result) -> None:
         if result.chunks != PREFIX_CHUNKS:
             raise RuntimeError(f"lookup found {result.chunks} of {PREFIX_CHUNKS} chunks")
-    p50, p99 = np.percentile(np.asarray(samples) * 1e6, [50, 99])
-    return float(p50), float(p99)
+
+    return percentiles_us(timed_calls(lambda _: reader.cluster_lookup(keys), LOOKUP_SAMPLES, check=found_all))

@@ -26,7 +26,7 @@ from kvstore.client import LocalClient
 from kvstore.keys import Namespace
 from kvstore.layout import Geometry
 
-from . import agent_process, bench_dir, log
+from . import agent_process, bench_dir, log, percentiles_us, timed_calls
 
 PREFIX_CHUNKS = 128
 TINY = Geometry(layers=1, heads=1, head_dim=8, tokens=16, planes=1, dtype="float16")  # 256-byte payload
@@ -70,17 +70,11 @@ def _measure(client: LocalClient, prompts: int, rng: np.random.Generator, rpc: b
             return client._call("lookup", {"ns": ns, "keys": b"".join(keys)})["matched"]
         return client.lookup(keys).chunks
 
-    for keys in key_sets[:50]:  # warm-up
-        lookup(keys)
-    latencies = np.empty(SAMPLES)
-    for i in range(SAMPLES):
-        keys = key_sets[i % len(key_sets)]
-        start = time.perf_counter()
-        matched = lookup(keys)
-        latencies[i] = time.perf_counter() - start
+    def found_all(matched: int) -> None:
         if matched != PREFIX_CHUNKS:
             raise AssertionError(f"lookup found {matched} of {PREFIX_CHUNKS} stored chunks")
-    return float(np.percentile(latencies, 50) * 1e6), float(np.percentile(latencies, 99) * 1e6)
+
+    return percentiles_us(timed_calls(lambda i: lookup(key_sets[i % len(key_sets)]), SAMPLES, check=found_all))
 
 
 def run(args) -> dict:
