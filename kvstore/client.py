@@ -300,7 +300,8 @@ class LocalClient:
         get finds them local (or waits for the pull in progress). Returns how many are not local yet."""
         if not self.conn.cluster or not keys:
             return 0
-        return self._call("prefetch", {"ns": self.namespace.digest, "keys": b"".join(keys)})["missing"]
+        return sum(self._call("prefetch", {"ns": self.namespace.digest, "keys": blob})["missing"]
+                   for _, blob in self._key_batches(keys))
 
     def _lookup_directory(self, keys: Sequence[bytes]) -> LookupResult:
         matched, codes = stored_prefix(self._directory_bits(keys))

@@ -96,11 +96,14 @@ def import_chunks(store: NodeStore, conn: int, digest: bytes, keys: Sequence[byt
         raise ValueError(f"{len(parts)} parts for {len(keys)} keys")
     reasons: dict[int, str] = {}
     good: list[tuple[int, np.ndarray, np.ndarray, ChunkHeader]] = []
+    registered = None  # the geometry the namespace was registered with: once per batch, not per chunk
     for i, key in enumerate(keys):
         raw_header, payload = parts[2 * i], parts[2 * i + 1]
         try:
             header = verified_header(raw_header, payload, key, digest)
-            store.register(digest, header.geometry, description)
+            if header.geometry != registered:
+                store.register(digest, header.geometry, description)
+                registered = header.geometry
         except CorruptChunk:
             reasons[i] = "checksum"
             continue

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from concurrent import futures
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import grpc
 import numpy as np
@@ -169,13 +169,19 @@ def _rpc(method: Callable) -> Callable:
             return method(self, request, context, principal)
         except Exception as exc:
             code = status_of(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", name)
-            context.abort(code, f"{name}: {exc}")
+            _abort(name, code, exc, context)
         finally:
             self.metrics.rpc_seconds.labels(name, code.name).observe(time.perf_counter() - started)
 
     return wrapper
+
+
+def _abort(name: str, code: grpc.StatusCode, exc: Exception, context: grpc.ServicerContext) -> NoReturn:
+    """End a failed call with `code` and a message naming the RPC; an INTERNAL one (a bug, not bad
+    input) is logged with its traceback. context.abort raises."""
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("%s failed", name)
+    context.abort(code, f"{name}: {exc}")
 
 
 def _parse_lease(lease: str) -> tuple[bytes, int]:
@@ -517,10 +523,8 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
                     time.sleep(_WATCH_POLL_S)
         except Exception as exc:
             code = status_of(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("WatchEvents failed")
             self.metrics.rpc_seconds.labels("WatchEvents", code.name).observe(time.perf_counter() - started)
-            context.abort(code, f"WatchEvents: {exc}")
+            _abort("WatchEvents", code, exc, context)
 
     def _event(self, event: dict, only: bytes, principal: Principal, dropped: int) -> pb.Event | None:
         digest = event["ns"]
