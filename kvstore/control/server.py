@@ -286,18 +286,20 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         description = self.describe(query.namespace, principal, context)
         limit = self.cfg.control.max_request_chunks
         chunk_tokens = int(description.get("chunk_tokens") or 0)
-        given = [name for name in ("token_ids", "chunk_hashes", "token_ids_le32", "chunk_hashes_packed")
-                 if len(getattr(query, name))]
+        # the fields set (non-empty), each read out of the message once (a bytes field is copied per read)
+        fields = {field.name: value for field, value in query.ListFields() if field.name != "namespace"}
+        given = sorted(fields)
         if len(given) != 1:
             raise InvalidArgument("give exactly one of token_ids, token_ids_le32, chunk_hashes, chunk_hashes_packed"
                                   + (f" (got {', '.join(given)})" if given else ""))
+        value = fields[given[0]]
         if given[0] in ("chunk_hashes", "chunk_hashes_packed"):
             if given[0] == "chunk_hashes":
-                keys = list(query.chunk_hashes)
+                keys = list(value)
                 if any(len(k) != 16 for k in keys):
                     raise InvalidArgument("every chunk hash must be 16 bytes")
             else:
-                blob = query.chunk_hashes_packed
+                blob = value
                 if len(blob) % 16:
                     raise InvalidArgument("chunk_hashes_packed must be a multiple of 16 bytes long")
                 keys = [blob[i:i + 16] for i in range(0, len(blob), 16)]
@@ -305,11 +307,11 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
                 raise InvalidArgument(f"{len(keys)} chunk hashes exceed control.max_request_chunks ({limit})")
             return query.namespace, keys, chunk_tokens
         if given[0] == "token_ids_le32":
-            if len(query.token_ids_le32) % 4:
+            if len(value) % 4:
                 raise InvalidArgument("token_ids_le32 must be a multiple of 4 bytes long")
-            n_tokens = len(query.token_ids_le32) // 4
+            n_tokens = len(value) // 4
         else:
-            n_tokens = len(query.token_ids)
+            n_tokens = len(value)
         if not chunk_tokens:
             raise InvalidArgument(f"namespace {query.namespace.hex()} has no description to hash tokens with "
                                   f"(recovered from disk?); send chunk hashes")
@@ -317,10 +319,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             raise InvalidArgument(f"{n_tokens} tokens exceed control.max_request_chunks ({limit}) "
                                   f"chunks of {chunk_tokens}")
         namespace = self._hasher(query.namespace, description)
-        if given[0] == "token_ids_le32":
-            tokens = np.frombuffer(query.token_ids_le32, dtype="<u4")
-        else:
-            tokens = np.array(query.token_ids, dtype=np.uint32)
+        tokens = np.frombuffer(value, dtype="<u4") if given[0] == "token_ids_le32" else np.array(value, dtype=np.uint32)
         return query.namespace, chunk_keys(namespace, tokens), chunk_tokens
 
     def _hasher(self, digest: bytes, description: dict) -> Namespace:
