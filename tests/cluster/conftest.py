@@ -138,3 +138,29 @@ def ray_cluster(tmp_path_factory):
                 stop_agent(agent.handle)
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.fixture
+def cluster(ray_cluster):
+    """The session cluster with every agent alive and every agent seeing all three."""
+    for agent in ray_cluster.agents.values():
+        if agent.handle is None:
+            agent.start()
+    ray_cluster.wait_members(3)
+    return ray_cluster
+
+
+def store_only_on_a(cluster: RayCluster, prompt_tokens, data) -> tuple[list[bytes], object]:
+    """Store `data` (chunks of `prompt_tokens`) through node a, then drop the replicas b and c got:
+    a is the only holder, so the next get on b or c must pull. Returns (keys, data)."""
+    a = cluster["a"].client()
+    keys = a.keys(prompt_tokens)
+    assert a.put(keys, data).stored == len(keys)
+    assert a.flush(timeout=30)
+    a.close()
+    for name in ("b", "c"):
+        other = cluster[name].client()
+        other.evict(keys, tiers=("cpu", "disk"))
+        assert other.flush(timeout=30)
+        other.close()
+    return keys, data

@@ -18,16 +18,7 @@ from kvstore.codec import HEADER_BYTES
 from kvstore.errors import AgentUnavailable
 
 from ..conftest import small_chunks, tokens
-
-
-@pytest.fixture
-def cluster(ray_cluster):
-    """The session cluster with every agent alive and every agent seeing all three."""
-    for agent in ray_cluster.agents.values():
-        if agent.handle is None:
-            agent.start()
-    ray_cluster.wait_members(3)
-    return ray_cluster
+from .conftest import store_only_on_a
 
 
 def _prefix_tokens(n_chunks: int, base: int) -> np.ndarray:
@@ -143,15 +134,7 @@ def test_a_stale_directory_entry_is_a_miss_with_its_reason(cluster):
 
 def test_b_pulls_over_the_peer_link_and_c_over_ray(cluster):
     """a and b have peer links, c has none (conftest): the same chunks reach b over the link, c over Ray."""
-    a = cluster["a"].client()
-    keys = a.keys(_prefix_tokens(6, base=8))
-    data = small_chunks(6, seed=18)
-    assert a.put(keys, data).stored == 6
-    assert a.flush(timeout=30)
-    for name in ("b", "c"):  # drop the replicas: a is the only holder
-        other = cluster[name].client()
-        other.evict(keys, tiers=("cpu", "disk"))
-        assert other.flush(timeout=30)
+    keys, data = store_only_on_a(cluster, _prefix_tokens(6, base=8), small_chunks(6, seed=18))
     for name, path in (("b", "link_pulled_chunks"), ("c", "remote_pulled_chunks")):
         client = cluster[name].client()
         before = client.stats()["cluster"]["counters"]

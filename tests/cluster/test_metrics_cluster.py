@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 
-import pytest
 import torch
 
 from kvstore.client import AgentConnection, LocalClient
@@ -20,15 +19,7 @@ from kvstore.metrics import AgentCollector
 
 from ..conftest import SMALL, SMALL_NS, agent_settings, clean_env, small_chunks, tokens, write_config
 from ..test_metrics_agent import scrape, value
-
-
-@pytest.fixture
-def cluster(ray_cluster):
-    for agent in ray_cluster.agents.values():
-        if agent.handle is None:
-            agent.start()
-    ray_cluster.wait_members(3)
-    return ray_cluster
+from .conftest import store_only_on_a
 
 
 def samples(socket_path: str) -> dict[tuple[str, tuple], float]:
@@ -42,16 +33,7 @@ def samples(socket_path: str) -> dict[tuple[str, tuple], float]:
 
 
 def test_remote_gets_are_timed_and_counted_as_remote(cluster):
-    a = cluster["a"].client()
-    keys = a.keys(tokens(5, start=77_000_000))
-    data = small_chunks(5, seed=77)
-    assert a.put(keys, data).stored == 5
-    assert a.flush(timeout=30)
-    for name in ("b", "c"):  # drop the replicas: a is the only holder
-        other = cluster[name].client()
-        other.evict(keys, tiers=("cpu", "disk"))
-        assert other.flush(timeout=30)
-        other.close()
+    keys, data = store_only_on_a(cluster, tokens(5, start=77_000_000), small_chunks(5, seed=77))
     for name in ("b", "c"):  # b pulls over its peer link, c over Ray
         before = samples(cluster[name].socket_path)
         client = cluster[name].client()
@@ -63,7 +45,6 @@ def test_remote_gets_are_timed_and_counted_as_remote(cluster):
         assert moved[("kvstore_get_hit_tokens_total", (("tier", "cpu"),))] == 0, name
         assert moved[("kvstore_agent_request_seconds_count", (("op", "acquire"), ("tier", "remote")))] == 1, name
         assert moved[("kvstore_transfer_bytes_total", (("path", "remote_to_cpu"),))] >= 5 * SMALL.nbytes, name
-    a.close()
 
 
 def test_serve_cluster_exposes_the_agents_own_metrics_endpoint(tmp_path):
