@@ -253,14 +253,14 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         own geometry: a no-op on the agent."""
         return self.call("register", {"ns": digest, "geometry": self._geometries[digest]}, context)
 
-    def prefix(self, digest: bytes, keys: list[bytes], context) -> tuple[int, bytes]:
-        """(matched chunks from the first key, tier code of each matched chunk), fastest tier first."""
-        if not keys:
+    def prefix(self, digest: bytes, blob: bytes, context) -> tuple[int, bytes]:
+        """(matched chunks from the first key of a key blob, tier code of each matched chunk)."""
+        if not blob:
             return 0, b""
-        bits = self.agent.directory_tiers(digest, pack_keys(keys), self.timeout(context),
+        bits = self.agent.directory_tiers(digest, pack_keys(blob), self.timeout(context),
                                           lambda d: self.ns_id(d, context))
         if bits is None:
-            reply = self.call("lookup", {"ns": digest, "keys": b"".join(keys)}, context)
+            reply = self.call("lookup", {"ns": digest, "keys": blob}, context)
             return reply["matched"], reply["tiers"]
         return stored_prefix(bits)
 
@@ -281,8 +281,9 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         return {d: desc for d, desc in self.namespaces(context, refresh=True).items()
                 if principal.may_see(str(desc.get("tenant", "")))}
 
-    def keys_of(self, query: pb.ChunkQuery, principal: Principal, context) -> tuple[bytes, list[bytes], int]:
-        """(namespace digest, chunk keys, chunk tokens) of a query, validated."""
+    def keys_of(self, query: pb.ChunkQuery, principal: Principal, context) -> tuple[bytes, bytes, int]:
+        """(namespace digest, the chunk keys as one blob of 16-byte keys, chunk tokens) of a query,
+        validated: the blob is what the agent takes, so nothing splits and re-joins it."""
         description = self.describe(query.namespace, principal, context)
         limit = self.cfg.control.max_request_chunks
         chunk_tokens = int(description.get("chunk_tokens") or 0)
@@ -295,17 +296,16 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         value = fields[given[0]]
         if given[0] in ("chunk_hashes", "chunk_hashes_packed"):
             if given[0] == "chunk_hashes":
-                keys = list(value)
-                if any(len(k) != 16 for k in keys):
+                if any(len(k) != 16 for k in value):
                     raise InvalidArgument("every chunk hash must be 16 bytes")
+                blob = b"".join(value)
             else:
                 blob = value
                 if len(blob) % 16:
                     raise InvalidArgument("chunk_hashes_packed must be a multiple of 16 bytes long")
-                keys = [blob[i:i + 16] for i in range(0, len(blob), 16)]
-            if len(keys) > limit:
-                raise InvalidArgument(f"{len(keys)} chunk hashes exceed control.max_request_chunks ({limit})")
-            return query.namespace, keys, chunk_tokens
+            if len(blob) // 16 > limit:
+                raise InvalidArgument(f"{len(blob) // 16} chunk hashes exceed control.max_request_chunks ({limit})")
+            return query.namespace, blob, chunk_tokens
         if given[0] == "token_ids_le32":
             if len(value) % 4:
                 raise InvalidArgument("token_ids_le32 must be a multiple of 4 bytes long")
@@ -320,7 +320,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
                                   f"chunks of {chunk_tokens}")
         namespace = self._hasher(query.namespace, description)
         tokens = np.frombuffer(value, dtype="<u4") if given[0] == "token_ids_le32" else np.array(value, dtype=np.uint32)
-        return query.namespace, chunk_keys(namespace, tokens), chunk_tokens
+        return query.namespace, b"".join(chunk_keys(namespace, tokens)), chunk_tokens
 
     def _hasher(self, digest: bytes, description: dict) -> Namespace:
         """The Namespace whose digest is `digest`, rebuilt from its description (cached)."""
@@ -337,37 +337,38 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         return namespace
 
     # ---- RPCs ------------------------------------------------------------------------------------
-    def match(self, digest: bytes, keys: list[bytes], context) -> tuple[int, bytes, dict[str, tuple[int, bytes]]]:
+    def match(self, digest: bytes, blob: bytes, context) -> tuple[int, bytes, dict[str, tuple[int, bytes]]]:
         """(matched chunks anywhere, tier code of each, {node: (its prefix in chunks, tier codes)}).
         In front of a cluster agent: its cluster lookup (every holder node; tier `remote` for chunks only
         other nodes hold); else this node's directory."""
-        if keys and self.agent.is_cluster(self.timeout(context)):
-            reply = self.call("lookup", {"ns": digest, "keys": b"".join(keys), "cluster": True}, context)
+        if blob and self.agent.is_cluster(self.timeout(context)):
+            reply = self.call("lookup", {"ns": digest, "keys": blob, "cluster": True}, context)
             nodes = {node: (int(held["chunks"]), held["tiers"]) for node, held in reply["nodes"].items()
                      if held["chunks"]}
             return reply["matched"], reply["tiers"], nodes
-        matched, tiers = self.prefix(digest, keys, context)
+        matched, tiers = self.prefix(digest, blob, context)
         return matched, tiers, ({self.node: (matched, tiers)} if matched else {})
 
     @_rpc
     def Lookup(self, request, context, principal):
-        digest, keys, chunk_tokens = self.keys_of(request.query, principal, context)
-        matched, tiers, nodes = self.match(digest, keys, context)
+        digest, blob, chunk_tokens = self.keys_of(request.query, principal, context)
+        matched, tiers, nodes = self.match(digest, blob, context)
+        n_keys = len(blob) // 16
         counts = _tier_counts(tiers)
         for code, name in TIER_NAMES.items():
             if counts[code]:
                 self.metrics.lookup_chunks.labels(name).inc(int(counts[code]))
-        if len(keys) > matched:
-            self.metrics.lookup_chunks.labels("none").inc(len(keys) - matched)
-        return pb.LookupResponse(query_chunks=len(keys), matched_chunks=matched,
+        if n_keys > matched:
+            self.metrics.lookup_chunks.labels("none").inc(n_keys - matched)
+        return pb.LookupResponse(query_chunks=n_keys, matched_chunks=matched,
                                  matched_tokens=matched * chunk_tokens, chunk_tokens=chunk_tokens,
                                  nodes=[_node_match(node, run, node_tiers, chunk_tokens)
                                         for node, (run, node_tiers) in sorted(nodes.items(), key=lambda n: -n[1][0])])
 
     @_rpc
     def Score(self, request, context, principal):
-        digest, keys, chunk_tokens = self.keys_of(request.query, principal, context)
-        _, _, nodes = self.match(digest, keys, context)
+        digest, blob, chunk_tokens = self.keys_of(request.query, principal, context)
+        _, _, nodes = self.match(digest, blob, context)
         return pb.ScoreResponse(matched_tokens_by_node={node: run * chunk_tokens for node, (run, _) in nodes.items()})
 
     def node_stats(self, context) -> dict[str, dict]:
@@ -438,12 +439,12 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
 
     @_rpc
     def Evict(self, request, context, principal):
-        digest, keys, _ = self.keys_of(request.query, principal, context)
+        digest, blob, _ = self.keys_of(request.query, principal, context)
         unknown = [t for t in request.tiers if t not in _LOCAL_TIERS]
         if unknown:
             raise InvalidArgument(f"Evict takes tiers TIER_CPU and TIER_DISK, not {unknown}")
         tiers = [_LOCAL_TIERS[t] for t in request.tiers] or ["cpu", "disk"]
-        reply = self.call("evict", {"ns": digest, "keys": b"".join(keys), "tiers": tiers}, context)
+        reply = self.call("evict", {"ns": digest, "keys": blob, "tiers": tiers}, context)
         return pb.EvictResponse(cpu_chunks=reply["cpu"], disk_chunks=reply["disk"], pinned_chunks=reply["pinned"])
 
     @_rpc
@@ -467,8 +468,8 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
 
     @_rpc
     def Pin(self, request, context, principal):
-        digest, keys, _ = self.keys_of(request.query, principal, context)
-        reply = self.call("pin", {"ns": digest, "keys": b"".join(keys), "ttl": request.ttl_s}, context)
+        digest, blob, _ = self.keys_of(request.query, principal, context)
+        reply = self.call("pin", {"ns": digest, "keys": blob, "ttl": request.ttl_s}, context)
         lease = f"{digest.hex()}-{reply['lease']}" if reply["lease"] else ""
         return pb.PinResponse(pinned_chunks=reply["pinned"], lease=lease)
 
@@ -481,25 +482,24 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
 
     @_rpc
     def Move(self, request, context, principal):
-        digest, keys, _ = self.keys_of(request.query, principal, context)
+        digest, blob, _ = self.keys_of(request.query, principal, context)
         if request.to_node and request.to_node != self.node:
             raise Unimplemented(f"moving chunks to another node ({request.to_node}) is not supported: this "
                                 f"controller serves node {self.node}; Prefetch through that node's controller")
         if request.to_tier not in _LOCAL_TIERS:
             raise InvalidArgument(f"Move takes to_tier TIER_CPU or TIER_DISK, not {request.to_tier}")
         timeout = self.timeout(context)  # the agent answers with what is on disk by then, not an error
-        reply = self.agent.call("move", {"ns": digest, "keys": b"".join(keys), "tier": _LOCAL_TIERS[request.to_tier],
+        reply = self.agent.call("move", {"ns": digest, "keys": blob, "tier": _LOCAL_TIERS[request.to_tier],
                                          "timeout": max(0.0, timeout - _MOVE_MARGIN_S)}, timeout)
         return pb.MoveResponse(moved_chunks=reply["moved"])
 
     @_rpc
     def Prefetch(self, request, context, principal):
-        digest, keys, _ = self.keys_of(request.query, principal, context)
-        blob = b"".join(keys)
+        digest, blob, _ = self.keys_of(request.query, principal, context)
         if self.agent.is_cluster(self.timeout(context)):
             self.call("prefetch", {"ns": digest, "keys": blob}, context)  # pulls from peers start in the background
         reply = self.call("move", {"ns": digest, "keys": blob, "tier": "cpu"}, context)
-        return pb.PrefetchResponse(missing_chunks=len(keys) - reply["moved"])
+        return pb.PrefetchResponse(missing_chunks=len(blob) // 16 - reply["moved"])
 
     def WatchEvents(self, request, context):
         started = time.perf_counter()
