@@ -153,8 +153,12 @@ class _Connection:
         self.sock = socket.create_connection(address, timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.frames = FrameReader(self.sock, MAX_FRAME)
-        self.send("hello", {"secret": secret, "version": PROTOCOL_VERSION})
-        self.reply(time.monotonic() + timeout)
+        try:
+            self.send("hello", {"secret": secret, "version": PROTOCOL_VERSION})
+            self.reply(time.monotonic() + timeout)
+        except BaseException:  # refused or silent: do not leak the socket
+            self.sock.close()
+            raise
 
     def send(self, op: str, args: dict) -> None:
         self.sock.sendall(pack([op, args]))
@@ -265,11 +269,12 @@ def receive_chunks(store: NodeStore, conn_id: int, digest: bytes, keys: Sequence
         writable = False
     # A credit reservation: the slots are named at commit, so a chunk that fails verification is
     # simply left unnamed and its slot goes back to the arena.
-    reservation = store.reserve(conn_id, digest, None, sizes) if writable else {"offsets": [RESERVE_NO_SPACE] * len(sizes)}
+    reservation = store.reserve(conn_id, digest, None, sizes) if writable else None
+    offsets = reservation["offsets"] if reservation else [RESERVE_NO_SPACE] * len(sizes)
     arena = store.cpu.arena.array
     named: dict[int, bytes] = {}
     try:
-        for n, (i, size, offset) in enumerate(zip(found, sizes, reservation["offsets"])):
+        for n, (i, size, offset) in enumerate(zip(found, sizes, offsets)):
             if offset < 0:  # no room (or a namespace we cannot hold): read past it
                 conn.read_into(memoryview(np.empty(size, dtype=np.uint8)), deadline)
                 reasons[i] = "no_space" if writable else "geometry"
@@ -282,11 +287,13 @@ def receive_chunks(store: NodeStore, conn_id: int, digest: bytes, keys: Sequence
                 reasons[i] = "remote_checksum"
                 continue
             named[n] = keys[i]
+        if reservation and not named:  # nothing to keep (no slot was granted, or none checked out)
+            store.abort(conn_id, reservation["rid"])
     except BaseException:
-        if "rid" in reservation:
+        if reservation:
             store.abort(conn_id, reservation["rid"])
         raise
-    if "rid" not in reservation:
+    if not named:
         return [], reasons
     result = store.commit(conn_id, reservation["rid"], named=named)
     refused = {index for index, _, _ in result["errors"]}
