@@ -664,21 +664,23 @@ class NodeStore:
             eids = self.cpu.find(keys)
             eids = np.unique(eids[(eids >= 0) & (self.cpu.namespace_ids(eids) == info.ns_id)])
             self.cpu.pin(eids)
+            eid_keys = [self.cpu.key_of(eid) for eid in eids.tolist()]  # pinned: the entries stay theirs
             try:
-                for eid in eids[self.cpu.flags(eids) & (FLAG_ON_DISK | FLAG_QUEUED) == 0].tolist():
-                    self._enqueue(eid, self.cpu.key_of(eid))  # or deferred while the queue is full
+                unwritten = self.cpu.flags(eids) & (FLAG_ON_DISK | FLAG_QUEUED) == 0
+                for eid, key, todo in zip(eids.tolist(), eid_keys, unwritten.tolist()):
+                    if todo:
+                        self._enqueue(eid, key)  # or deferred while the queue is full
                 while True:
                     flags = self.cpu.flags(eids)
                     deferred = set(self._deferred)  # waiting for room in the queue
-                    in_deferred = np.array([self.cpu.key_of(eid) in deferred for eid in eids.tolist()],
-                                           dtype=bool) if deferred else False
+                    in_deferred = np.array([key in deferred for key in eid_keys], dtype=bool) if deferred else False
                     waiting = (flags & FLAG_ON_DISK == 0) & ((flags & FLAG_QUEUED != 0) | in_deferred)
                     left = deadline - time.monotonic()
                     if not waiting.any() or left <= 0 or self._stopping:
                         break
                     self._queue_cv.wait(min(left, 0.1))  # the writer notifies after every batch
-                on_disk = eids[self.cpu.flags(eids) & FLAG_ON_DISK != 0]
-                return [self.cpu.key_of(eid) for eid in on_disk.tolist()], int(waiting.sum())
+                on_disk = (self.cpu.flags(eids) & FLAG_ON_DISK != 0).tolist()
+                return [key for key, done in zip(eid_keys, on_disk) if done], int(waiting.sum())
             finally:
                 self.cpu.unpin(eids)
 

@@ -30,6 +30,17 @@ def tiers_of(client, t, namespace=NS_A) -> list[int]:
     return list(reply.nodes[0].tiers) if reply.nodes else []
 
 
+def on_disk_only(control: Control):
+    """A 6-chunk prompt whose first 4 chunks are stored, written to disk and evicted from the arena:
+    (tokens, keys, a gRPC client)."""
+    t, keys = put(control.agent, NS_A, 4, n_total=6)
+    control.agent.store.flush(10)
+    client = control.client()
+    client.Evict(pb.EvictRequest(query=query(t), tiers=[pb.TIER_CPU]))
+    assert tiers_of(client, t) == [pb.TIER_DISK] * 4
+    return t, keys, client
+
+
 def pinned_hashes(client) -> set[bytes]:
     return {c.hash for c in client.ListChunks(pb.ListChunksRequest(pinned_only=True)).chunks}
 
@@ -86,11 +97,7 @@ def test_a_lease_expires_after_its_ttl_and_the_chunks_become_evictable(control):
 
 
 def test_pin_promotes_disk_chunks_and_clear_ends_the_lease(control):
-    t, keys = put(control.agent, NS_A, 4, n_total=6)
-    control.agent.store.flush(10)
-    client = control.client()
-    client.Evict(pb.EvictRequest(query=query(t), tiers=[pb.TIER_CPU]))
-    assert tiers_of(client, t) == [pb.TIER_DISK] * 4
+    t, keys, client = on_disk_only(control)
     reply = client.Pin(pb.PinRequest(query=query(t), ttl_s=60))
     assert reply.pinned_chunks == 4  # the two chunks never stored are not counted
     assert tiers_of(client, t) == [pb.TIER_CPU] * 4
@@ -202,11 +209,7 @@ def test_move_refuses_other_tiers_nodes_and_a_node_without_disk(control, memory_
 
 
 def test_prefetch_brings_disk_chunks_into_the_arena(control):
-    t, keys = put(control.agent, NS_A, 4, n_total=6)
-    control.agent.store.flush(10)
-    client = control.client()
-    client.Evict(pb.EvictRequest(query=query(t), tiers=[pb.TIER_CPU]))
-    assert tiers_of(client, t) == [pb.TIER_DISK] * 4
+    t, keys, client = on_disk_only(control)
     assert client.Prefetch(pb.PrefetchRequest(query=query(t))).missing_chunks == 2  # never stored
     assert tiers_of(client, t) == [pb.TIER_CPU] * 4
     assert pinned_hashes(client) == set()  # brought up, not pinned
