@@ -1,6 +1,6 @@
 """`kvstore bench lookup`: prefix-lookup latency from a client process, at 10^3 and 10^6 indexed chunks.
 
-The agent runs in its own process with the disk tier off. Chunks are really stored (reserve, write,
+Each index size has its agent in its own process, disk tier off, and the sizes are measured in turns. Chunks are really stored (reserve, write,
 commit) with a tiny geometry so that a million of them fit in a small arena; the index does not care
 how big a chunk is. One lookup = `LocalClient.lookup` of the 128 keys of a stored prompt: the matched
 prefix and the tier of each chunk, answered from the agent's shared directory (mapped by the client, no
@@ -15,6 +15,7 @@ directory file), divided by the number of chunks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -31,7 +32,8 @@ from . import agent_process, bench_dir, log, percentiles_us, timed_calls
 PREFIX_CHUNKS = 128
 TINY = Geometry(layers=1, heads=1, head_dim=8, tokens=16, planes=1, dtype="float16")  # 256-byte payload
 PUT_BATCH = 4096
-SAMPLES = 3000
+SAMPLES = 3000  # lookups per index size (and as many over the socket)
+ROUNDS = 300  # turns: each size gets SAMPLES / ROUNDS = 10 lookups per turn
 
 
 def _rss_anon(pid: int) -> int:
@@ -60,9 +62,10 @@ def _prompt_tokens(p: int) -> np.ndarray:
     return np.arange(PREFIX_CHUNKS * TINY.tokens, dtype=np.int64) + p * PREFIX_CHUNKS * TINY.tokens
 
 
-def _measure(client: LocalClient, prompts: int, rng: np.random.Generator, rpc: bool) -> tuple[float, float]:
-    picks = rng.integers(0, prompts, size=SAMPLES)
-    key_sets = [client.keys(_prompt_tokens(int(p))) for p in picks[:256]]
+def _lookup_samples(client: LocalClient, prompts: int, rng: np.random.Generator, rpc: bool, n: int):
+    """`n` timed lookups of random stored prompts; returns their durations in seconds."""
+    picks = rng.integers(0, prompts, size=n)
+    key_sets = [client.keys(_prompt_tokens(int(p))) for p in picks]
     ns = client.namespace.digest
 
     def lookup(keys) -> int:
@@ -74,56 +77,66 @@ def _measure(client: LocalClient, prompts: int, rng: np.random.Generator, rpc: b
         if matched != PREFIX_CHUNKS:
             raise AssertionError(f"lookup found {matched} of {PREFIX_CHUNKS} stored chunks")
 
-    return percentiles_us(timed_calls(lambda i: lookup(key_sets[i % len(key_sets)]), SAMPLES, check=found_all))
+    return timed_calls(lambda i: lookup(key_sets[i % len(key_sets)]), n, warmup=2, check=found_all)
 
 
 def run(args) -> dict:
-    sizes = [int(float(s)) for s in args.sizes.split(",")]
+    """One agent per index size, each filled to its size first; then the sizes are measured in turns
+    (ROUNDS rounds of SAMPLES / ROUNDS lookups each), so that a machine that speeds up or slows down
+    during the run weighs on every size alike and the ratio compares like with like."""
+    sizes = sorted({int(float(s)) for s in args.sizes.split(",")})
     workdir = bench_dir(args)
     namespace = Namespace(model="bench-lookup", chunk_tokens=TINY.tokens, kv_dtype=TINY.dtype)
-    largest = max(sizes)
-    arena = max(256 << 20, int(largest * 448 * 1.1))
     result: dict = {"prefix_chunks": PREFIX_CHUNKS}
     rng = np.random.default_rng(0)
     try:
-        settings = {"cpu.arena_bytes": arena, "cpu.slab_bytes": 4 << 20, "disk.enabled": False,
-                    "agent.max_batch_chunks": PUT_BATCH}
-        with agent_process(settings, workdir) as (socket_path, proc):
-            with LocalClient(namespace, TINY, socket_path=socket_path, timeout=120) as client:
-                stored_prompts = 0
+        with contextlib.ExitStack() as stack:
+            agents = []
+            for size in sizes:
+                settings = {"cpu.arena_bytes": max(64 << 20, int(size * 448 * 1.1)), "cpu.slab_bytes": 4 << 20,
+                            "disk.enabled": False, "agent.max_batch_chunks": PUT_BATCH}
+                agent_dir = os.path.join(workdir, _label(size))
+                os.makedirs(agent_dir)
+                socket_path, proc = stack.enter_context(agent_process(settings, agent_dir))
+                client = stack.enter_context(LocalClient(namespace, TINY, socket_path=socket_path, timeout=120))
                 rss_before = _rss_anon(proc.pid)
-                for size in sorted(sizes):
-                    prompts = size // PREFIX_CHUNKS
-                    log(f"indexing {prompts * PREFIX_CHUNKS} chunks")
-                    _populate(client, stored_prompts, prompts - stored_prompts)
-                    stored_prompts = prompts
-                    if client.conn.directory is None:
-                        raise RuntimeError("the client could not map the agent's shared directory")
-                    p50, p99 = _measure(client, prompts, rng, rpc=False)
-                    label = _label(size)
-                    result[f"p50_us_{label}"] = round(p50, 1)
-                    result[f"p99_us_{label}"] = round(p99, 1)
-                    rpc50, rpc99 = _measure(client, prompts, rng, rpc=True)
-                    result[f"rpc_p50_us_{label}"] = round(rpc50, 1)
-                    result[f"rpc_p99_us_{label}"] = round(rpc99, 1)
-                    result[f"chunks_indexed_{label}"] = client.stats()["tiers"]["cpu"]["chunks"]
-                    log(f"{label}: p50 {p50:.1f} us, p99 {p99:.1f} us")
-                chunks = client.stats()["tiers"]["cpu"]["chunks"]
-                time.sleep(3.0)  # steady state: the agent trims freed request garbage every few seconds
-                directory_bytes = os.path.getsize(client.conn.directory.path)
-                private = _rss_anon(proc.pid) - rss_before
-                result["index_bytes_per_chunk"] = round((private + directory_bytes) / chunks, 1)
-                result["agent_private_bytes_per_chunk"] = round(private / chunks, 1)
-                result["directory_bytes_per_chunk"] = round(directory_bytes / chunks, 1)
-                start = time.perf_counter()
-                for p in range(200):
-                    client.keys(_prompt_tokens(p))
-                result["hash_us_128"] = round((time.perf_counter() - start) / 200 * 1e6, 1)
-        top = _label(largest)
+                prompts = size // PREFIX_CHUNKS
+                log(f"indexing {prompts * PREFIX_CHUNKS} chunks")
+                _populate(client, 0, prompts)
+                if client.conn.directory is None:
+                    raise RuntimeError("the client could not map the agent's shared directory")
+                agents.append((size, prompts, client, proc, rss_before))
+            for rpc in (False, True):
+                samples: dict[int, list[float]] = {size: [] for size in sizes}
+                for _ in range(ROUNDS):
+                    for size, prompts, client, _, _ in agents:
+                        samples[size] += _lookup_samples(client, prompts, rng, rpc, SAMPLES // ROUNDS)
+                for size in sizes:
+                    p50, p99 = percentiles_us(samples[size])
+                    prefix = "rpc_" if rpc else ""
+                    result[f"{prefix}p50_us_{_label(size)}"] = p50
+                    result[f"{prefix}p99_us_{_label(size)}"] = p99
+                    if not rpc:
+                        log(f"{_label(size)}: p50 {p50:.1f} us, p99 {p99:.1f} us")
+            size, _, client, proc, rss_before = agents[-1]
+            for size_, _, client_, _, _ in agents:
+                result[f"chunks_indexed_{_label(size_)}"] = client_.stats()["tiers"]["cpu"]["chunks"]
+            chunks = result[f"chunks_indexed_{_label(size)}"]
+            time.sleep(3.0)  # steady state: the agent trims freed request garbage every few seconds
+            directory_bytes = os.path.getsize(client.conn.directory.path)
+            private = _rss_anon(proc.pid) - rss_before
+            result["index_bytes_per_chunk"] = round((private + directory_bytes) / chunks, 1)
+            result["agent_private_bytes_per_chunk"] = round(private / chunks, 1)
+            result["directory_bytes_per_chunk"] = round(directory_bytes / chunks, 1)
+            start = time.perf_counter()
+            for p in range(200):
+                client.keys(_prompt_tokens(p))
+            result["hash_us_128"] = round((time.perf_counter() - start) / 200 * 1e6, 1)
+        top = _label(sizes[-1])
         result["p50_us"] = result[f"p50_us_{top}"]
         result["p99_us"] = result[f"p99_us_{top}"]
         if len(sizes) > 1:
-            low = _label(min(sizes))
+            low = _label(sizes[0])
             result["p50_ratio_largest_vs_smallest"] = round(result[f"p50_us_{top}"] / result[f"p50_us_{low}"], 3)
         return result
     finally:

@@ -543,18 +543,21 @@ class LocalClient:
 
 def namespace_bits(values: np.ndarray, ns_id: int) -> np.ndarray:
     """Tier bits from shared-directory values (ns_id << 8 | bits, -1 if absent); 0 where absent or in
-    another namespace."""
-    return np.where((values >= 0) & (values >> 8 == ns_id), values & 0xFF, 0)
+    another namespace (-1 >> 8 is -1, never a namespace id)."""
+    return np.where(values >> 8 == ns_id, values & 0xFF, 0)
+
+
+# The wire tier code of every combination of tier bits: the fastest tier holding the chunk (0: none).
+_CODE_OF_BITS = np.array([TIER_GPU if bits & DIR_BITS[TIER_GPU] else TIER_CPU if bits & DIR_BITS[TIER_CPU]
+                          else TIER_DISK if bits & DIR_BITS[TIER_DISK] else 0 for bits in range(256)], dtype=np.uint8)
 
 
 def stored_prefix(bits: np.ndarray) -> tuple[int, bytes]:
     """(chunks stored from the first, wire tier code of each: the fastest tier holding it) from tier bits."""
-    misses = np.flatnonzero(bits == 0)
-    matched = int(misses[0]) if misses.size else len(bits)
-    best = bits[:matched]
-    codes = np.where(best & DIR_BITS[TIER_GPU], TIER_GPU,
-                     np.where(best & DIR_BITS[TIER_CPU], TIER_CPU, TIER_DISK)).astype(np.uint8)
-    return matched, codes.tobytes()
+    codes = _CODE_OF_BITS[bits]
+    misses = np.flatnonzero(codes == 0)
+    matched = int(misses[0]) if misses.size else len(codes)
+    return matched, codes[:matched].tobytes()
 
 
 def credit_fits(credit: dict, sizes: list[int]) -> bool:

@@ -36,7 +36,7 @@ from .protocol import NO_REPLY, PROTOCOL_VERSION, ConnectionClosed, FrameReader,
 from .recorder import RequestRecorder
 from .tiers.cpu import CpuTier
 from .tiers.disk import DiskTier
-from .tiers.index import CuckooIndex
+from .tiers.index import MAX_VALUE, CuckooIndex
 from .tiers.memory import FLAG_ON_DISK, FLAG_QUEUED, pack_keys
 
 log = logging.getLogger("kvstore.agent")
@@ -47,6 +47,7 @@ TIER_NAMES = {TIER_GPU: "gpu", TIER_CPU: "cpu", TIER_DISK: "disk", TIER_REMOTE: 
 
 # Tier bits in the shared directory's values: value = namespace id << 8 | tier bits.
 DIR_BITS = {TIER_GPU: 1, TIER_CPU: 2, TIER_DISK: 4}
+MAX_NAMESPACE_ID = MAX_VALUE >> 8  # a directory value is ns_id << 8 | tier bits
 _KEY_HALVES = struct.Struct("<QQ")
 
 # Reserve status codes (instead of an offset).
@@ -149,6 +150,9 @@ class NodeStore:
         with self.lock:
             info = self._namespaces.get(digest)
             if info is None:
+                if len(self._ns_by_id) > MAX_NAMESPACE_ID:
+                    raise CapacityExhausted(f"this agent already holds {MAX_NAMESPACE_ID} namespaces, the most "
+                                            f"its directory can name; restart it to start afresh")
                 info = _NamespaceInfo(len(self._ns_by_id), digest, geometry, dict(description or {}))
                 self._namespaces[digest] = info
                 self._ns_by_id.append(info)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from kvstore.client import LocalClient
@@ -236,3 +237,16 @@ def test_shared_directory_agrees_with_the_agent(agent):
     assert agrees() == ("cpu",)
     client.clear()
     assert agrees() == ()
+
+
+def test_a_namespace_beyond_what_the_directory_can_name_is_refused_and_the_rest_keep_working(agent, monkeypatch):
+    import kvstore.node
+    from kvstore.errors import CapacityExhausted
+    from kvstore.layout import Geometry
+
+    monkeypatch.setattr(kvstore.node, "MAX_NAMESPACE_ID", 3)  # the real bound is 2^24 - 1
+    geometry = Geometry(layers=1, heads=1, head_dim=8, tokens=16, planes=1, dtype="float16")
+    ids = [agent.store.register(bytes([i]) * 16, geometry) for i in range(1, 4)]
+    with pytest.raises(CapacityExhausted, match="namespaces"):
+        agent.store.register(b"\x09" * 16, geometry)
+    assert agent.store.register(b"\x01" * 16, geometry) == ids[0]  # known namespaces still resolve

@@ -1,18 +1,22 @@
-"""The memory tiers' chunk index: a bucketized cuckoo hash table of 16-byte keys in numpy arrays.
+"""The memory tiers' chunk index: a bucketized cuckoo hash table of 16-byte keys in one numpy array.
 
-A key lives in one of two buckets of WAYS slots: bucket `low & mask` or `high & mask`, where low and
-high are the key's two 64-bit halves (keys are xxh3-128 digests, so both are uniform). A batch lookup
-is therefore a fixed number of vectorised gathers (one cache line per bucket per array): no probe loop,
-and no Python object per key, so it costs the same at 10^3 and at 10^6 entries and the garbage
-collector never walks the index. Each slot costs 24 bytes (two key halves and an int64 value). A lookup
-compares low halves across both buckets (one 64-byte gather each), then checks the high half and the
-value at the one candidate slot. So a key is refused on insert when a live key in its buckets shares its
-low half (odds ~2^-64 for digests; the lookup would only ever see the first). A freed slot's key is
-zeroed, so a stale slot never matches (a key whose low half is 0 is refused for the same reason).
+A key (low, high: its two 64-bit halves; keys are xxh3-128 digests, so both are uniform) lives in one of
+two buckets: its first choice `low & mask` or its second `(high >> 32) & mask`. A bucket is one 64-byte
+cache line of WAYS slots: the slots' low halves, then their tags, where a tag is the top 32 bits of the
+key's high half over (value + 1) in the low 32 bits (0 there: a free slot). So a slot costs 16 bytes,
+and a key is matched on 96 bits: all of its low half and the top of its high half (two distinct
+digests agree on those with odds 2^-96).
 
-Inserts take a free slot in either bucket, else move ("kick") a resident entry to its other bucket,
-up to MAX_KICKS moves; the table doubles when it passes MAX_LOAD or a kick chain fails. Doubling
-re-places every entry with vectorised passes (only the rare overflow goes through kicks).
+A batch lookup reads the first-choice bucket of every key in one vectorised gather (one cache line per
+key), then the second-choice buckets of the keys not found there (few: inserts prefer the first
+choice). No probe loop and no Python object per key, so the garbage collector never walks the index,
+and once the table outgrows the caches a found key costs one memory read, mostly.
+
+A key is refused on insert when a live key in its buckets shares its low half, or when its low half is
+0 (the low half of a free slot). A freed slot is zeroed, so a stale slot never matches. Inserts take a
+free slot in the first bucket, else the second, else move ("kick") a resident to its other bucket, up
+to MAX_KICKS moves; the table doubles when it passes MAX_LOAD or a kick chain fails. Doubling re-places
+every entry with vectorised passes (only the rare overflow goes through kicks).
 """
 
 from __future__ import annotations
@@ -25,52 +29,77 @@ from pathlib import Path
 
 import numpy as np
 
-WAYS = 8
+WAYS = 4  # slots per bucket: WAYS low halves + WAYS tags = 64 bytes, one cache line
 MAX_LOAD = 0.85
 MAX_KICKS = 256
 EMPTY = -1
+MAX_VALUE = 2**32 - 2  # values are stored as value + 1 in a tag's low 32 bits
+
+_TAG_VALUE = np.uint64(0xFFFFFFFF)
+_TAG_SPAN = np.uint64(1 << 32)  # (tag ^ high) below this: the tag's top 32 bits are the key's
+_HIGH_TOP = 0xFFFFFFFF00000000
+_LINE = np.dtype((np.void, 2 * WAYS * 8))  # one bucket as one item
 
 
-# A shared index file: this header, then the low, high and value arrays. `moved` is MOVED (and `next`
-# names the replacement file) when the writer grows the table, and readers then map the new file; it is
-# CLOSED when the writer stops, and readers then raise instead of answering from a dead table.
+# A shared index file: this header, then the table. `moved` is MOVED (and `next` names the replacement
+# file) when the writer grows the table, and readers then map the new file; it is CLOSED when the
+# writer stops, and readers then raise instead of answering from a dead table.
 _HEADER = struct.Struct("<4sIQQ256s")  # magic, moved, buckets, generation, next path
 HEADER_BYTES = 4096
-MAGIC = b"KVIX"
+MAGIC = b"KVI2"
 MOVED, CLOSED = 1, 2
 
 
-def lookup_arrays(lo: np.ndarray, hi: np.ndarray, values: np.ndarray, packed: np.ndarray) -> np.ndarray:
-    """The batch lookup over a table's arrays (shared by the writer and by read-only mappings).
-
-    Per key: one gather of the low halves of both candidate buckets (two cache lines), then the high
-    half and the value of the first slot whose low half matched: four memory reads, which is what a
-    lookup costs once the table outgrows the caches. (Two live keys share a low half with odds ~2^-64;
-    then the one in the first bucket answers, and the other reads as absent: a miss, never wrong data.)"""
-    n = len(packed)
-    if n == 0:
+def lookup_lines(lines: np.ndarray, packed: np.ndarray) -> np.ndarray:
+    """The batch lookup of [n, 2] uint64 keys in a table seen as one item per bucket (`_lines`; shared by
+    the writer and by read-only mappings): values, EMPTY where absent. First-choice buckets for all
+    keys, then second-choice buckets for the keys not found yet."""
+    if len(packed) == 0:
         return np.empty(0, dtype=np.int64)
-    mask = np.uint64(values.shape[0] - 1)
-    buckets = (packed & mask).astype(np.intp)  # [n, 2]: first and second choice
-    same_low = (lo[buckets] == packed[:, :1, None]).reshape(n, 2 * WAYS)
-    first = same_low.argmax(axis=1)  # the matching slot of either bucket (0 when none matched)
-    rows = np.arange(n)
-    bucket, way = buckets[rows, first // WAYS], first % WAYS
-    ok = same_low[rows, first] & (hi[bucket, way] == packed[:, 1])
-    return np.where(ok, values[bucket, way], EMPTY)
+    mask = np.uint64(len(lines) - 1)
+    values = _probe(lines, packed, packed[:, 0] & mask)
+    rest = np.flatnonzero(values < 0)
+    if rest.size:
+        keys = packed[rest]
+        values[rest] = _probe(lines, keys, (keys[:, 1] >> np.uint64(32)) & mask)
+    return values
 
 
-def _map_arrays(buf, buckets: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    size = buckets * WAYS * 8
-    lo = np.frombuffer(buf, dtype=np.uint64, count=buckets * WAYS, offset=HEADER_BYTES).reshape(buckets, WAYS)
-    hi = np.frombuffer(buf, dtype=np.uint64, count=buckets * WAYS, offset=HEADER_BYTES + size).reshape(buckets, WAYS)
-    values = np.frombuffer(buf, dtype=np.int64, count=buckets * WAYS,
-                           offset=HEADER_BYTES + 2 * size).reshape(buckets, WAYS)
-    return lo, hi, values
+def _probe(lines: np.ndarray, packed: np.ndarray, buckets: np.ndarray) -> np.ndarray:
+    """Each key's value in its given bucket, EMPTY if not there: one cache line read per key (gathered as
+    whole 64-byte items: numpy copies those with fewer stalls than rows of a 2-D array)."""
+    rows = lines[buckets.astype(np.intp)].view(np.uint64).reshape(-1, 2 * WAYS)
+    tags = rows[:, WAYS:]
+    hit = (rows[:, :WAYS] == packed[:, :1]) & ((tags ^ packed[:, 1:]) < _TAG_SPAN)
+    # at most one slot hits; a free slot's value field is 0, so a miss (or a free slot) decodes to EMPTY
+    return np.where(hit, tags & _TAG_VALUE, 0).max(axis=1).astype(np.int64) - 1
+
+
+def _map_table(buf, buckets: int) -> np.ndarray:
+    return np.frombuffer(buf, dtype=np.uint64, count=buckets * 2 * WAYS, offset=HEADER_BYTES).reshape(buckets, 2 * WAYS)
+
+
+def _lines(table: np.ndarray) -> np.ndarray:
+    return table.view(_LINE).reshape(-1)
+
+
+def _prefer_huge_pages(mapping: mmap.mmap) -> None:
+    """Ask for 2 MiB pages where the file system can back the file with them: a lookup reads one cache
+    line per key at a random place, and with 4 KiB pages each of those also misses the TLB."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None:
+        try:
+            mapping.madvise(advice)
+        except OSError:
+            pass
+
+
+def _tag(high: int, value: int) -> int:
+    return (high & _HIGH_TOP) | (value + 1)
 
 
 class CuckooIndex:
-    """16-byte key -> non-negative int64 value. Private memory by default; with `shm_dir`, the table
+    """16-byte key -> int value in [0, MAX_VALUE]. Private memory by default; with `shm_dir`, the table
     lives in a shared-memory file (`path`) that other processes read with SharedIndexReader."""
 
     def __init__(self, capacity: int = 1024, shm_dir: str | None = None, name: str = "kvstore-index"):
@@ -85,26 +114,27 @@ class CuckooIndex:
         self._alloc(buckets)
         self.count = 0
         self._kick_slot = 0
+        self._pending: tuple[int, int] | None = None
 
     def _alloc(self, buckets: int) -> None:
-        self._mask = np.uint64(buckets - 1)
+        self._mask = buckets - 1
         if self.shm_dir is None:
-            self._lo = np.zeros((buckets, WAYS), dtype=np.uint64)
-            self._hi = np.zeros((buckets, WAYS), dtype=np.uint64)
-            self._values = np.full((buckets, WAYS), EMPTY, dtype=np.int64)
+            self._table = np.zeros((buckets, 2 * WAYS), dtype=np.uint64)
+            self._lines = _lines(self._table)
             return
         old_path, old_mmap = self.path, self._mmap
         self._generation += 1
         path = str(Path(self.shm_dir) / f"{self.name}-{os.getpid()}-{secrets.token_hex(4)}")
-        size = HEADER_BYTES + 3 * buckets * WAYS * 8
+        size = HEADER_BYTES + buckets * 2 * WAYS * 8
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, size)
+            os.ftruncate(fd, size)  # zero-filled: every slot free
             self._mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+            _prefer_huge_pages(self._mmap)
         finally:
             os.close(fd)
-        self._lo, self._hi, self._values = _map_arrays(self._mmap, buckets)
-        self._values.fill(EMPTY)
+        self._table = _map_table(self._mmap, buckets)
+        self._lines = _lines(self._table)
         _HEADER.pack_into(self._mmap, 0, MAGIC, 0, buckets, self._generation, b"")
         self.path = path
         self._previous = (old_path, old_mmap) if old_mmap is not None else None
@@ -128,11 +158,11 @@ class CuckooIndex:
 
     @property
     def capacity(self) -> int:
-        return self._values.size
+        return self._table.shape[0] * WAYS
 
     @property
     def nbytes(self) -> int:
-        return self._lo.nbytes + self._hi.nbytes + self._values.nbytes
+        return self._table.nbytes
 
     def __len__(self) -> int:
         return self.count
@@ -140,36 +170,39 @@ class CuckooIndex:
     # ---- batch lookup ---------------------------------------------------------------------------
     def lookup(self, packed: np.ndarray) -> np.ndarray:
         """Values for [n, 2] uint64 keys (low, high halves); EMPTY where absent."""
-        return lookup_arrays(self._lo, self._hi, self._values, packed)
+        return lookup_lines(self._lines, packed)
 
     # ---- single-key updates -----------------------------------------------------------------------
-    def _buckets(self, low: int, high: int) -> tuple[int, int]:
-        mask = int(self._mask)
-        return low & mask, high & mask
+    def _buckets(self, low: int, tag: int) -> tuple[int, int]:
+        """A key's first and second choice (from its low half and from its tag, which is all the
+        table keeps of its high half)."""
+        return low & self._mask, (tag >> 32) & self._mask
 
     def _slot(self, low: int, high: int, any_high: bool = False) -> tuple[int, int] | None:
         """(bucket, way) of the live key (low, high), or of any live key with this low half."""
         for bucket in self._buckets(low, high):
-            for way, lo in enumerate(self._lo[bucket].tolist()):
-                if lo == low and self._values[bucket, way] >= 0 and (any_high or int(self._hi[bucket, way]) == high):
+            row = self._table[bucket].tolist()
+            for way in range(WAYS):
+                tag = row[WAYS + way]
+                if row[way] == low and tag & 0xFFFFFFFF and (any_high or (tag ^ high) < 1 << 32):
                     return bucket, way
         return None
 
     def get(self, low: int, high: int) -> int:
         slot = self._slot(low, high)
-        return EMPTY if slot is None else int(self._values[slot])
+        return EMPTY if slot is None else (int(self._table[slot[0], WAYS + slot[1]]) & 0xFFFFFFFF) - 1
 
     def insert(self, low: int, high: int, value: int) -> bool:
         """Add a key; False (and no change) if it, or a key sharing its low half, is present."""
-        if value < 0:
-            raise ValueError("index values must be non-negative")
+        if not 0 <= value <= MAX_VALUE:
+            raise ValueError(f"index values must be in [0, {MAX_VALUE}], not {value}")
         if low == 0:
             return False  # indistinguishable from a free slot (odds 2^-64 for a digest): not indexed
         if self._slot(low, high, any_high=True) is not None:
             return False
         if (self.count + 1) > MAX_LOAD * self.capacity:
             self._grow()
-        if not self._place(low, high, value):
+        if not self._place(low, _tag(high, value)):
             self._grow()  # the new key is in; the entry it finally displaced is re-placed by growing
         self.count += 1
         return True
@@ -179,71 +212,76 @@ class CuckooIndex:
         slot = self._slot(low, high)
         if slot is None:
             self.insert(low, high, value)
+        elif not 0 <= value <= MAX_VALUE:
+            raise ValueError(f"index values must be in [0, {MAX_VALUE}], not {value}")
         else:
-            self._values[slot] = value
+            self._table[slot[0], WAYS + slot[1]] = _tag(high, value)
 
     def remove(self, low: int, high: int) -> int:
         """Drop a key; returns its value, or EMPTY if it was absent."""
         slot = self._slot(low, high)
         if slot is None:
             return EMPTY
-        value = int(self._values[slot])
-        self._values[slot] = EMPTY
-        self._lo[slot] = self._hi[slot] = 0  # a stale key must never match a lookup
+        bucket, way = slot
+        value = (int(self._table[bucket, WAYS + way]) & 0xFFFFFFFF) - 1
+        self._table[bucket, WAYS + way] = 0  # free first: a reader never sees a live tag on a stale key
+        self._table[bucket, way] = 0
         self.count -= 1
         return value
 
-    def _place(self, low: int, high: int, value: int) -> bool:
+    def _place(self, low: int, tag: int) -> bool:
         """Put an absent key into a free slot, kicking residents to their other bucket as needed.
         False if MAX_KICKS moves did not end in a free slot: the key is in the table then, and the
         last displaced entry waits in `_pending` for `_grow` to re-place it."""
-        bucket = self._buckets(low, high)[0]
+        table = self._table
+        bucket = self._buckets(low, tag)[0]
         for _ in range(MAX_KICKS):
-            for b in self._buckets(low, high):
-                free = np.flatnonzero(self._values[b] < 0)
+            for b in self._buckets(low, tag):
+                free = np.flatnonzero(table[b, WAYS:] == 0)
                 if free.size:
                     way = int(free[0])
-                    self._lo[b, way], self._hi[b, way], self._values[b, way] = low, high, value
+                    table[b, way] = low  # the key before the tag: a reader never matches half an entry
+                    table[b, WAYS + way] = tag
                     return True
             # both buckets full: swap with a resident of `bucket`, which then goes to its other bucket
             way = self._kick_slot = (self._kick_slot + 1) % WAYS
-            old = int(self._lo[bucket, way]), int(self._hi[bucket, way]), int(self._values[bucket, way])
-            self._lo[bucket, way], self._hi[bucket, way], self._values[bucket, way] = low, high, value
-            low, high, value = old
-            first, second = self._buckets(low, high)
+            old = int(table[bucket, way]), int(table[bucket, WAYS + way])
+            table[bucket, way], table[bucket, WAYS + way] = low, tag
+            low, tag = old
+            first, second = self._buckets(low, tag)
             bucket = second if first == bucket else first
-        self._pending = (low, high, value)  # homeless after MAX_KICKS: _grow re-places it
+        self._pending = (low, tag)  # homeless after MAX_KICKS: _grow re-places it
         return False
 
     # ---- growth -----------------------------------------------------------------------------------
     def _grow(self) -> None:
         """Double the table and re-place every entry: two vectorised passes, then kicks for the rest."""
-        live = self._values >= 0
-        lows, highs, values = self._lo[live], self._hi[live], self._values[live]
-        pending = getattr(self, "_pending", None)
-        if pending is not None:
-            lows = np.append(lows, np.uint64(pending[0]))
-            highs = np.append(highs, np.uint64(pending[1]))
-            values = np.append(values, pending[2])
+        old = self._table
+        live = old[:, WAYS:] != 0
+        lows, tags = old[:, :WAYS][live], old[:, WAYS:][live]
+        if self._pending is not None:
+            lows = np.append(lows, np.uint64(self._pending[0]))
+            tags = np.append(tags, np.uint64(self._pending[1]))
             self._pending = None
-        self._alloc(2 * self._values.shape[0])
-        rest = np.arange(len(values))
-        for halves in (lows, highs):  # first choice, then second choice, for whoever is left
+        self._alloc(2 * old.shape[0])
+        table, mask = self._table, np.uint64(self._mask)
+        rest = np.arange(len(lows))
+        for choice in (lows, tags >> np.uint64(32)):  # first choice, then second, for whoever is left
             if rest.size == 0:
                 break
-            buckets = (halves[rest] & self._mask).astype(np.intp)
+            buckets = (choice[rest] & mask).astype(np.intp)
             order = np.argsort(buckets, kind="stable")
             sorted_buckets = buckets[order]
             starts = np.searchsorted(sorted_buckets, sorted_buckets, side="left")
-            used = (self._values[sorted_buckets] >= 0).sum(axis=1)
+            used = (table[sorted_buckets, WAYS:] != 0).sum(axis=1)
             way = used + np.arange(len(order)) - starts  # next free way in the bucket, in arrival order
             fits = way < WAYS
             chosen = rest[order[fits]]
             b, w = sorted_buckets[fits], way[fits]
-            self._lo[b, w], self._hi[b, w], self._values[b, w] = lows[chosen], highs[chosen], values[chosen]
+            table[b, w], table[b, WAYS + w] = lows[chosen], tags[chosen]
             rest = rest[order[~fits]]
         for i in rest.tolist():  # rare: both buckets full
-            if not self._place(int(lows[i]), int(highs[i]), int(values[i])):
+            if not self._place(int(lows[i]), int(tags[i])):
                 raise RuntimeError("cuckoo index could not re-place an entry after doubling")
         self._retire_previous()
 
@@ -262,20 +300,23 @@ class SharedIndexReader:
         fd = os.open(path, os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
-            self._mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            # populated now: a lookup's random reads would otherwise fault each page in on first touch
+            self._mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                                   prot=mmap.PROT_READ)
+            _prefer_huge_pages(self._mmap)
         finally:
             os.close(fd)
         magic, moved, buckets, _, _ = _HEADER.unpack_from(self._mmap, 0)
         if magic != MAGIC:
             raise ValueError(f"{path} is not a kvstore index")
-        self._lo, self._hi, self._values = _map_arrays(self._mmap, buckets)
+        self._lines = _lines(_map_table(self._mmap, buckets))
         self.path = path
 
     def lookup(self, packed: np.ndarray) -> np.ndarray:
         for _ in range(8):  # follow growth: each step names its successor
             magic, moved, _, _, successor = _HEADER.unpack_from(self._mmap, 0)
             if not moved:
-                return lookup_arrays(self._lo, self._hi, self._values, packed)
+                return lookup_lines(self._lines, packed)
             if moved == CLOSED:
                 raise OSError("the index's writer has stopped")
             try:

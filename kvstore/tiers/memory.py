@@ -176,7 +176,10 @@ class MemoryTier:
     def find_packed(self, packed: np.ndarray) -> np.ndarray:
         """Entry ids for [n, 2] uint64 keys from `pack_keys` (-1 where absent), vectorised."""
         with self.lock:
-            return self._index.lookup(packed)
+            eids = self._index.lookup(packed)
+            # the index matches a key on 96 of its bits; the entry's own record confirms the rest
+            eids[self._hi[np.maximum(eids, 0)] != packed[:, 1]] = -1
+            return eids
 
     def contains(self, keys: bytes | Sequence[bytes]) -> np.ndarray:
         return self.find(keys) >= 0

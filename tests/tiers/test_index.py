@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvstore.tiers.index import EMPTY, CuckooIndex
+from kvstore.tiers.index import EMPTY, MAX_VALUE, WAYS, CuckooIndex
 
 
 def random_keys(rng, n: int) -> np.ndarray:
@@ -32,14 +32,38 @@ def test_matches_a_dict_through_inserts_removals_and_growth():
 
 def test_duplicate_and_shared_low_half_and_zero_low_half_are_refused():
     index = CuckooIndex()
-    assert index.insert(5, 6, 1)
-    assert not index.insert(5, 6, 2)  # the same key
-    assert not index.insert(5, 7, 3)  # shares the low half: the batch lookup could only see one
-    assert not index.insert(0, 9, 4)  # low half 0 is what a free slot holds
-    found = index.lookup(np.array([[5, 6], [5, 7], [0, 9], [0, 0]], dtype=np.uint64))
+    assert index.insert(5, 6 << 32, 1)
+    assert not index.insert(5, 6 << 32, 2)  # the same key
+    assert not index.insert(5, 7 << 32, 3)  # shares the low half
+    assert not index.insert(0, 9 << 32, 4)  # low half 0 is what a free slot holds
+    found = index.lookup(np.array([[5, 6 << 32], [5, 7 << 32], [0, 9 << 32], [0, 0]], dtype=np.uint64))
     assert found.tolist() == [1, EMPTY, EMPTY, EMPTY]
-    with pytest.raises(ValueError):
-        index.insert(8, 8, -1)
+    for bad in (-1, MAX_VALUE + 1):
+        with pytest.raises(ValueError):
+            index.insert(8, 8, bad)
+    index.insert(8, 8, MAX_VALUE)
+    assert index.lookup(np.array([[8, 8]], dtype=np.uint64)).tolist() == [MAX_VALUE]
+
+
+def test_a_key_is_matched_on_its_low_half_and_the_top_of_its_high_half():
+    """96 bits: the low 32 bits of the high half are not kept (MemoryTier confirms them from its records)."""
+    index = CuckooIndex()
+    assert index.insert(5, (6 << 32) | 1, 1)
+    found = index.lookup(np.array([[5, (6 << 32) | 2], [5, (7 << 32) | 1], [6, (6 << 32) | 1]], dtype=np.uint64))
+    assert found.tolist() == [1, EMPTY, EMPTY]
+
+
+def test_most_keys_sit_in_their_first_choice_bucket():
+    """What makes a found key cost one cache line: inserts fill the first choice before the second."""
+    rng = np.random.default_rng(11)
+    index = CuckooIndex(8)
+    keys = random_keys(rng, 50_000)
+    for i, (low, high) in enumerate(keys.tolist()):
+        index.insert(low, high, i)
+    first = index._table[(keys[:, 0] & np.uint64(index._mask)).astype(np.intp), :WAYS]
+    in_first = (first == keys[:, :1]).any(axis=1).mean()
+    assert in_first > 0.8, in_first
+    assert np.array_equal(index.lookup(keys), np.arange(len(keys)))
 
 
 def test_removed_keys_never_match_and_slots_are_reused():

@@ -424,6 +424,17 @@ def test_insert_find_contains_and_read_back(cpu_tier):
     assert tier.find([]).tolist() == []
 
 
+def test_a_key_differing_only_where_the_index_does_not_look_is_not_found(cpu_tier):
+    """The index matches 96 bits of a key (its low half and the top of its high half); the tier checks
+    the whole key, so a key differing in the other 32 bits never finds a stored chunk."""
+    tier, _ = cpu_tier()
+    stored = b"\x01" * 8 + b"\x00\x00\x00\x00" + b"\x02" * 4  # little-endian: low 32 bits of high are 0
+    near = b"\x01" * 8 + b"\x09\x00\x00\x00" + b"\x02" * 4
+    put(tier, stored)
+    assert tier.find([stored, near]).tolist()[1] == -1 and tier.find([stored]).tolist()[0] >= 0
+    assert tier.contains([near]).tolist() == [False]
+
+
 def test_allocation_under_pressure_evicts_lru_and_reports_keys(cpu_tier):
     tier, evicted = cpu_tier()
     for i in range(32):
