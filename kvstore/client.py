@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import codec
-from .bytecopy import as_numpy
+from .bytecopy import as_numpy, byte_rows
 from .codec import HEADER_BYTES, ChunkHeader
 from .config import KVStoreConfig, load_config
 from .errors import AgentUnavailable, CorruptChunk, InvalidArgument, LeaseExpired
@@ -339,9 +339,15 @@ class LocalClient:
     def _put_batch(self, keys, chunks):
         if self.codec == "raw":
             pending = self.begin_put(keys)
-            for i, slot in self.raw_slot_views(pending):
-                # gather the (possibly strided) chunk straight into its slot, in its own dtype's width
-                np.copyto(as_numpy(slot), as_numpy(chunks[i]), casting="no")
+            rows = byte_rows(chunks) if isinstance(chunks, torch.Tensor) else None
+            if rows is not None:  # contiguous chunks: each is one flat copy into its slot
+                arena = self.conn.arena_np
+                for i, offset in pending.slots():
+                    np.copyto(arena[offset + HEADER_BYTES:offset + HEADER_BYTES + rows.shape[1]], rows[i])
+            else:
+                for i, slot in self.raw_slot_views(pending):
+                    # gather the (possibly strided) chunk straight into its slot, in its own dtype's width
+                    np.copyto(as_numpy(slot), as_numpy(chunks[i]), casting="no")
             return self.commit_put(pending)
         encoded = [codec.encode(chunk, self.codec) for chunk in chunks]
         pending = self.begin_put(keys, [HEADER_BYTES + payload.numel() for payload, _ in encoded],
@@ -508,11 +514,15 @@ class LocalClient:
                     target = torch.empty((len(slots), *self.geometry.shape), dtype=self.geometry.torch_dtype)
                 else:
                     target = out[start:start + len(slots)]
+                rows = byte_rows(target)
                 for n, (_, offset, size) in enumerate(slots):
                     if size == raw_size and arena[offset + _CODEC_AT] == codec.CODEC_IDS["raw"]:
-                        dst = as_numpy(target[n])  # raw: one copy straight out of the arena
-                        src = arena[offset + HEADER_BYTES:offset + size].view(dst.dtype).reshape(dst.shape)
-                        np.copyto(dst, src, casting="no")
+                        src = arena[offset + HEADER_BYTES:offset + size]  # raw: one copy straight out
+                        if rows is not None:
+                            np.copyto(rows[n], src)
+                        else:
+                            dst = as_numpy(target[n])
+                            np.copyto(dst, src.view(dst.dtype).reshape(dst.shape), casting="no")
                     else:
                         header = ChunkHeader.unpack(arena[offset:offset + HEADER_BYTES])
                         codec.decode(header, self._arena[offset + HEADER_BYTES:offset + size], out=target[n])

@@ -418,8 +418,9 @@ class NodeStore:
         keys = [named.get(index) for index, _, _, _ in items]
         valid = [isinstance(key, bytes) and len(key) == 16 for key in keys]
         candidates = [key for key, ok in zip(keys, valid) if ok]
-        stored = iter(self.cpu.contains(candidates) | self._disk_has(candidates, info.digest)
-                      if candidates else ())
+        # Only the disk tier is asked here: a key the arena holds already is refused by its insert
+        # at commit (counted as existing, slot freed), which saves a batch lookup per put.
+        stored = iter(self._disk_has(candidates, info.digest) if candidates else ())
         kept, existing = [], 0
         for (index, _, offset, nbytes), key, ok in zip(items, keys, valid):
             if not ok:
