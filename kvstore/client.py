@@ -41,6 +41,9 @@ from .tiers.memory import pack_keys
 _KEY_AT, _CODEC_AT = 64, 6  # byte offsets of the key and the codec id in a chunk header (docs/chunk-format.md)
 _LEASE_MARGIN_S = 1.0  # stop touching a slot this long before the agent may reclaim it
 _MAX_CREDIT = 64  # slots a client keeps reserved for its next put
+# A credit put of at least this many bytes commits all its chunks but the last while it copies the last
+# (the agent's ~1 ms commit then overlaps the copy); a smaller one is not worth a second message.
+PIPELINE_MIN_BYTES = 8 << 20
 _ALIVE_CHECK_S = 1.0  # how long a lookup trusts the shared directory without hearing from the agent
 
 
@@ -98,6 +101,20 @@ class PendingPut:
     def slots(self) -> list[tuple[int, int]]:
         """(index, offset) of each chunk that must be written."""
         return [(i, offset) for i, offset in enumerate(self.offsets) if offset >= 0]
+
+
+class Pipeline:
+    """Requests sent on one connection before their replies are read (AgentConnection.pipeline)."""
+
+    def __init__(self, conn: "AgentConnection"):
+        self._conn = conn
+        self.sent: list[str] = []
+        self.results: list = []
+
+    def send(self, op: str, args: dict) -> None:
+        self._conn._send(op, args)
+        if op not in NO_REPLY:
+            self.sent.append(op)
 
 
 class AgentConnection:
@@ -170,21 +187,49 @@ class AgentConnection:
     def _call(self, op: str, args: dict, timeout: float | None):
         if self._sock is None:
             self.connect()
+        if timeout is not None:
+            self._sock.settimeout(timeout)
+        self._send(op, args)
+        if op in NO_REPLY:
+            return None
+        reply = self._read(op)
+        if timeout is not None and self._sock is not None:
+            self._sock.settimeout(self.timeout)
+        return raise_for_reply(reply)
+
+    @contextmanager
+    def pipeline(self) -> Iterator["Pipeline"]:
+        """Requests sent one after another, their replies read when the block ends (the agent answers
+        a connection's requests in order), so the agent works on one while the caller goes on.
+        The socket is held for the whole block. After it, `results` holds each reply's result; a
+        failed reply raises its error once every reply is read (the stream stays in step)."""
+        with self._lock:
+            pipe = Pipeline(self)
+            try:
+                yield pipe
+            finally:
+                replies = [self._read(op) for op in pipe.sent]
+            pipe.results = [raise_for_reply(reply) for reply in replies]
+
+    def _send(self, op: str, args: dict) -> None:
+        if self._sock is None:
+            self.connect()
         assert self._sock is not None
         try:
-            if timeout is not None:
-                self._sock.settimeout(timeout)
             self._sock.sendall(pack([op, args]))
-            if op in NO_REPLY:
-                return None
-            reply = self._frames.read()
-            if timeout is not None:
-                self._sock.settimeout(self.timeout)
+        except OSError as exc:
+            self._fail(op, exc)
+
+    def _read(self, op: str):
+        try:
+            return self._frames.read()
         except (OSError, ConnectionClosed) as exc:
-            self.close()
-            kind = "timed out" if isinstance(exc, socket.timeout) else f"failed ({exc})"
-            raise AgentUnavailable(f"agent call {op} {kind}") from None
-        return raise_for_reply(reply)
+            self._fail(op, exc)
+
+    def _fail(self, op: str, exc: Exception):
+        self.close()
+        kind = "timed out" if isinstance(exc, socket.timeout) else f"failed ({exc})"
+        raise AgentUnavailable(f"agent call {op} {kind}") from None
 
     @property
     def connected(self) -> bool:
@@ -340,14 +385,22 @@ class LocalClient:
         if self.codec == "raw":
             pending = self.begin_put(keys)
             rows = byte_rows(chunks) if isinstance(chunks, torch.Tensor) else None
-            if rows is not None:  # contiguous chunks: each is one flat copy into its slot
-                arena = self.conn.arena_np
-                for i, offset in pending.slots():
-                    np.copyto(arena[offset + HEADER_BYTES:offset + HEADER_BYTES + rows.shape[1]], rows[i])
-            else:
-                for i, slot in self.raw_slot_views(pending):
+            arena = self.conn.arena_np
+
+            def write(slots: list[tuple[int, int]]) -> None:
+                if rows is not None:  # contiguous chunks: each is one flat copy into its slot
+                    for i, offset in slots:
+                        np.copyto(arena[offset + HEADER_BYTES:offset + HEADER_BYTES + rows.shape[1]], rows[i])
+                    return
+                for i, slot in self.raw_slot_views(pending, slots):
                     # gather the (possibly strided) chunk straight into its slot, in its own dtype's width
                     np.copyto(as_numpy(slot), as_numpy(chunks[i]), casting="no")
+
+            slots = pending.slots()
+            if (pending.named is not None and len(slots) > 1
+                    and sum(pending.sizes[i] for i, _ in slots) >= PIPELINE_MIN_BYTES):
+                return self._commit_ahead(pending, slots, write)
+            write(slots)
             return self.commit_put(pending)
         encoded = [codec.encode(chunk, self.codec) for chunk in chunks]
         pending = self.begin_put(keys, [HEADER_BYTES + payload.numel() for payload, _ in encoded],
@@ -390,12 +443,58 @@ class LocalClient:
         return PendingPut(reply["rid"], keys, reply["offsets"], sizes, group, None,
                           _lease_deadline(sent, reply["ttl"]))
 
-    def raw_slot_views(self, pending: "PendingPut") -> list[tuple[int, torch.Tensor]]:
-        """(index, chunk-shaped tensor view of the arena slot) of each raw chunk `pending` must write."""
+    def _commit_ahead(self, pending: "PendingPut", slots: list[tuple[int, int]], write):
+        """Write and commit a credit put in two parts, pipelined: the agent publishes every chunk but
+        the last while this process copies the last, so only the last chunk's commit is waited for
+        (measured: 8 chunks of 5.9 MB, 38.2 ms per 32 chunks, against 39.4 ms committing the first
+        half ahead and 41.7 ms committing all at the end)."""
+        ahead = len(slots) - 1
+        named = list(pending.named.items())  # (credit slot, key) in the order of `slots`
+        results = []
+        with self.conn.pipeline() as pipe:
+            for part, last in ((slice(0, ahead), False), (slice(ahead, None), True)):
+                write(slots[part])
+                self._write_headers(pending, slots[part])
+                if time.monotonic() > pending.deadline:
+                    pipe.send("abort", {"rid": pending.rid})
+                    raise LeaseExpired("reservation expired before the chunks were written")
+                args = {"rid": pending.rid, "named": dict(named[part])}
+                if last:
+                    args["renew"] = self._credit_sizes(pending.sizes)
+                else:
+                    args["keep"] = True
+                sent = time.monotonic()
+                pipe.send("commit", args)
+        results = pipe.results
+        self._take_credit(results[-1].get("next"), pending.sizes[0], sent)
+        existing = sum(1 for o in pending.offsets if o == RESERVE_EXISTS)
+        return (sum(r["stored"] for r in results), existing + sum(r.get("existing", 0) for r in results), 0,
+                [tuple(e) for r in results for e in r["errors"]])
+
+    def _write_headers(self, pending: "PendingPut", slots: list[tuple[int, int]]) -> None:
+        arena = self.conn.arena_np
+        for i, offset in slots:
+            header = ChunkHeader(codec=self.codec, geometry=self.geometry,
+                                 payload_len=pending.sizes[i] - HEADER_BYTES, namespace=self.namespace.digest,
+                                 key=pending.keys[i], group=pending.group)
+            arena[offset:offset + HEADER_BYTES] = np.frombuffer(header.pack(), dtype=np.uint8)
+
+    def _take_credit(self, granted: dict | None, size: int, sent: float) -> None:
+        """Keep the credit a commit reserved for the next put, or give back one the arena could not fill."""
+        if granted and all(o >= 0 for o in granted["offsets"]):
+            self._keep_credit({"rid": granted["rid"], "offsets": granted["offsets"], "size": size,
+                               "deadline": _lease_deadline(sent, granted["ttl"])})
+        elif granted:
+            self._call("abort", {"rid": granted["rid"]})
+
+    def raw_slot_views(self, pending: "PendingPut", slots: list[tuple[int, int]] | None = None
+                       ) -> list[tuple[int, torch.Tensor]]:
+        """(index, chunk-shaped tensor view of the arena slot) of each raw chunk `pending` must write
+        (or of `slots`, some of pending.slots())."""
         shape, dtype = self.geometry.shape, self.geometry.torch_dtype
         arena = self._arena
         return [(i, arena[offset + HEADER_BYTES:offset + pending.sizes[i]].view(dtype).view(shape))
-                for i, offset in pending.slots()]
+                for i, offset in (pending.slots() if slots is None else slots)]
 
     def commit_put(self, pending: "PendingPut") -> tuple[int, int, int, list]:
         """Write the chunk headers and publish the filled slots of `pending`:
@@ -410,23 +509,13 @@ class LocalClient:
         if time.monotonic() > pending.deadline:  # the agent may hand these slots to someone else now
             self._call("abort", {"rid": pending.rid})
             raise LeaseExpired("reservation expired before the chunks were written")
-        arena = self.conn.arena_np
-        for i, offset in pending.slots():
-            header = ChunkHeader(codec=self.codec, geometry=self.geometry,
-                                 payload_len=pending.sizes[i] - HEADER_BYTES, namespace=self.namespace.digest,
-                                 key=pending.keys[i], group=pending.group)
-            arena[offset:offset + HEADER_BYTES] = np.frombuffer(header.pack(), dtype=np.uint8)
+        self._write_headers(pending, pending.slots())
         args = {"rid": pending.rid, "renew": self._credit_sizes(pending.sizes)}
         if pending.named is not None:
             args["named"] = pending.named
         sent = time.monotonic()
         result = self._call("commit", args)
-        granted = result.get("next")
-        if granted and all(o >= 0 for o in granted["offsets"]):
-            self._keep_credit({"rid": granted["rid"], "offsets": granted["offsets"], "size": pending.sizes[0],
-                               "deadline": _lease_deadline(sent, granted["ttl"])})
-        elif granted:  # the arena could not spare them all: give the credit back
-            self._call("abort", {"rid": granted["rid"]})
+        self._take_credit(result.get("next"), pending.sizes[0], sent)
         return (result["stored"], existing + result.get("existing", 0), no_space,
                 [tuple(e) for e in result["errors"]])
 

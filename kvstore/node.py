@@ -365,23 +365,34 @@ class NodeStore:
         return header
 
     def commit(self, conn: int, rid: int, named: dict[int, bytes] | None = None,
-               renew: list[int] | None = None) -> dict:
+               renew: list[int] | None = None, keep: bool = False) -> dict:
         """Publish the chunks of a reservation. Invalid chunks are dropped and reported per index.
 
         For a credit (keyless) reservation, `named` maps slot index -> the key written there; unnamed
         slots are freed, and a named key that is stored by now counts as existing (its slot is freed).
+        With `keep` the unnamed slots stay reserved under `rid` instead, for a later commit (a client
+        commits the first chunks of a put while it still writes the others).
         `renew`: sizes of a new credit to reserve in the same round trip."""
         errors: list[list] = []
         existing = 0
         stored_keys: list[bytes] = []
         with self.lock:
-            reservation = self._reservations.pop(rid, None)
+            reservation = self._reservations.get(rid)
             if reservation is None or reservation.conn != conn:
                 raise NotFound(f"reservation {rid} is unknown or expired")
             info = self._ns_by_id[reservation.ns_id]
             assert info is not None
             items = reservation.items
-            if any(key is None for _, key, _, _ in items):  # a credit: the client names the keys now
+            credit = any(key is None for _, key, _, _ in items)
+            if keep and (not credit or renew):
+                raise InvalidArgument("keep applies to a credit reservation, without renew")
+            if keep:
+                named = named or {}
+                reservation.items = [item for item in items if item[0] not in named]
+                items = [item for item in items if item[0] in named]
+            if not keep or not reservation.items:
+                del self._reservations[rid]
+            if credit:  # the client names the keys now
                 items, existing = self._name_credit(info, items, named or {})
             for index, key, offset, nbytes in items:
                 self._inflight.discard(key)
@@ -395,7 +406,7 @@ class NodeStore:
                     continue
                 if self.cpu.insert(key, offset, nbytes, info.ns_id):
                     stored_keys.append(key)
-                else:  # the same key twice in one commit: first writer wins
+                else:  # in the arena already (or twice in this commit): first writer wins
                     existing += 1
             if stored_keys:  # one directory update, event and write-behind pass for the whole batch
                 self._publish(stored_keys, TIER_CPU, info.ns_id)
@@ -1170,7 +1181,7 @@ class AgentServer:
             raise InvalidArgument("named maps slot indexes (ints) to keys")
         if renew is not None and not isinstance(renew, list):
             raise InvalidArgument("renew is a list of chunk sizes")
-        return self.store.commit(conn, _arg(args, "rid", int), named, renew)
+        return self.store.commit(conn, _arg(args, "rid", int), named, renew, _arg(args, "keep", bool, False))
 
     def _abort(self, conn: int, args: dict) -> None:
         self.store.abort(conn, _arg(args, "rid", int))

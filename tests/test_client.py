@@ -219,3 +219,36 @@ def test_lookup_notices_a_killed_agent_although_its_directory_stays_mapped(tmp_p
             client.lookup(keys)
     finally:
         stop_agent(agent)
+
+
+def test_a_big_credit_put_commits_its_chunks_but_the_last_while_it_writes_the_last(agent, monkeypatch):
+    import kvstore.client
+
+    monkeypatch.setattr(kvstore.client, "PIPELINE_MIN_BYTES", 0)  # these chunks are small; real ones are MBs
+    client = agent.client()
+    first = client.keys(tokens(6, start=0))
+    assert client.put(first, small_chunks(6)).stored == 6  # leaves a credit of 6 slots
+    sent: list[tuple[str, dict]] = []
+    send = client.conn._send
+    client.conn._send = lambda op, args: (sent.append((op, args)), send(op, args))[1]
+    keys = client.keys(tokens(6, start=10_000))
+    result = client.put(keys, small_chunks(6, seed=4))
+    assert (result.stored, result.existing, result.errors) == (6, 0, ())
+    assert [op for op, _ in sent] == ["commit", "commit"]
+    assert sent[0][1]["keep"] and len(sent[0][1]["named"]) == 5 and "renew" not in sent[0][1]
+    assert "keep" not in sent[1][1] and len(sent[1][1]["named"]) == 1 and sent[1][1]["renew"]
+    assert torch.equal(client.get(keys), small_chunks(6, seed=4))
+    assert torch.equal(client.get(first), small_chunks(6))
+    # half already stored by someone else: counted as existing, the rest stored, the credit renewed
+    sent.clear()
+    mixed = client.keys(tokens(6, start=20_000))
+    with agent.client() as other:
+        other.put(mixed[3:], small_chunks(3, seed=5))
+    again = client.put(mixed, small_chunks(6, seed=6))
+    assert (again.stored, again.existing) == (3, 3) and [op for op, _ in sent] == ["commit", "commit"]
+    assert torch.equal(client.get(mixed)[3:], small_chunks(3, seed=5))  # first writer wins
+    observer = agent.client()
+    deadline = time.monotonic() + 5
+    while observer.stats()["reservations"] > 1 and time.monotonic() < deadline:  # `other` left: its credit goes
+        time.sleep(0.05)
+    assert observer.stats()["reservations"] == 1  # only client's renewed credit is held

@@ -169,3 +169,27 @@ def test_commit_rejects_malformed_credit_arguments(agent):
     done = raw_result(raw.call("commit", {"rid": reply["rid"], "named": {0: b"short"}}))
     assert (done["stored"], done["existing"]) == (0, 0)  # an unnamed/badly named slot is just freed
     raw.close()
+
+
+def test_commit_with_keep_publishes_named_slots_and_keeps_the_rest_reserved(agent):
+    client = agent.client()
+    raw = Raw(agent.socket_path)
+    register(raw)
+    size = HEADER_BYTES + SMALL.nbytes
+    keys = client.keys(range(16 * 3))
+    keyed = raw_result(raw.call("reserve", {"ns": SMALL_NS.digest, "keys": keys[2], "sizes": [size]}))
+    assert raw.call("commit", {"rid": keyed["rid"], "keep": True})[:2] == ["err", "invalid_argument"]
+    credit = raw_result(raw.call("reserve", {"ns": SMALL_NS.digest, "sizes": [size] * 2}))
+    assert raw.call("commit", {"rid": credit["rid"], "keep": True, "renew": [size]})[:2] == ["err", "invalid_argument"]
+    arena = client._arena
+    for slot, key in enumerate(keys[:2]):
+        header = ChunkHeader(codec="raw", geometry=SMALL, payload_len=SMALL.nbytes, namespace=SMALL_NS.digest, key=key)
+        arena[credit["offsets"][slot]:credit["offsets"][slot] + HEADER_BYTES].numpy()[:] = memoryview(header.pack())
+    part = raw_result(raw.call("commit", {"rid": credit["rid"], "named": {0: keys[0]}, "keep": True}))
+    assert part["stored"] == 1 and client.contains(keys[:2]) == [True, False]
+    assert client.stats()["reservations"] == 2  # slot 1 is still reserved (and the keyed reservation)
+    rest = raw_result(raw.call("commit", {"rid": credit["rid"], "named": {1: keys[1]}}))
+    assert rest["stored"] == 1 and client.contains(keys[:2]) == [True, True]
+    with pytest.raises(NotFound):
+        raise_for_reply(raw.call("commit", {"rid": credit["rid"], "named": {1: keys[1]}}))
+    raw.close()
