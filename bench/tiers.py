@@ -31,6 +31,7 @@ from kvstore.layout import Geometry
 from . import agent_process, bench_dir, log
 
 GiB = 1 << 30
+CPU_TRIALS_PER_TRIAL = 3
 
 
 def _gbps(nbytes: int, seconds: float) -> float:
@@ -106,7 +107,8 @@ def run(args) -> dict:
     trials = max(3, args.trials)
     workdir = bench_dir(args)
     try:
-        result: dict = {"geometry": args.geometry, "chunk_bytes": chunk_bytes, "trials": trials}
+        result: dict = {"geometry": args.geometry, "chunk_bytes": chunk_bytes, "trials": trials,
+                        "cpu_trials": CPU_TRIALS_PER_TRIAL * trials}
         namespace = Namespace(model="bench-tiers", chunk_tokens=geometry.tokens, kv_dtype=geometry.dtype)
         slab = max(64 << 20, 1 << (chunk_bytes + 4096).bit_length())
         batch = 8  # chunks per request: a 2k-token prompt at 256 tokens per chunk
@@ -118,9 +120,12 @@ def run(args) -> dict:
         with agent_process({"cpu.arena_bytes": arena, "cpu.slab_bytes": slab, "disk.enabled": False},
                            workdir) as (socket_path, _):
             with LocalClient(namespace, geometry, socket_path=socket_path) as client:
-                log(f"cpu tier: {n_cpu} chunks of {chunk_bytes} bytes, {batch} per request, {trials} trials")
+                # A CPU trial takes ~0.1 s, against seconds for a disk one: three times the trials, so
+                # the median is steadier against this machine's drift at the same cost.
+                cpu_trials = CPU_TRIALS_PER_TRIAL * trials
+                log(f"cpu tier: {n_cpu} chunks of {chunk_bytes} bytes, {batch} per request, {cpu_trials} trials")
                 _cpu_trials(client, geometry, data, batch, 1)  # warm-up
-                cpu = _cpu_trials(client, geometry, data, batch, trials)
+                cpu = _cpu_trials(client, geometry, data, batch, cpu_trials)
         total = n_cpu * chunk_bytes
         result["memcpy_gbps"] = _gbps(total, _median([m for m, _, _ in cpu]))
         result["cpu_put_gbps"] = _gbps(total, _median([p for _, p, _ in cpu]))
