@@ -445,28 +445,25 @@ class LocalClient:
 
     def _commit_ahead(self, pending: "PendingPut", slots: list[tuple[int, int]], write):
         """Write and commit a credit put in two parts, pipelined: the agent publishes every chunk but
-        the last while this process copies the last, so only the last chunk's commit is waited for
-        (measured: 8 chunks of 5.9 MB, 38.2 ms per 32 chunks, against 39.4 ms committing the first
-        half ahead and 41.7 ms committing all at the end)."""
+        the last, and reserves the next put's credit, while this process copies the last chunk; so
+        only the last chunk's commit is waited for (measured: 8 chunks of 5.9 MB, 38.2 ms per 32
+        chunks, against 39.4 ms committing the first half ahead and 41.7 ms all at the end)."""
         ahead = len(slots) - 1
         named = list(pending.named.items())  # (credit slot, key) in the order of `slots`
-        results = []
         with self.conn.pipeline() as pipe:
-            for part, last in ((slice(0, ahead), False), (slice(ahead, None), True)):
+            for part, first in ((slice(0, ahead), True), (slice(ahead, None), False)):
                 write(slots[part])
                 self._write_headers(pending, slots[part])
                 if time.monotonic() > pending.deadline:
                     pipe.send("abort", {"rid": pending.rid})
                     raise LeaseExpired("reservation expired before the chunks were written")
                 args = {"rid": pending.rid, "named": dict(named[part])}
-                if last:
-                    args["renew"] = self._credit_sizes(pending.sizes)
-                else:
-                    args["keep"] = True
-                sent = time.monotonic()
+                if first:
+                    args.update(keep=True, renew=self._credit_sizes(pending.sizes))
+                    sent = time.monotonic()
                 pipe.send("commit", args)
         results = pipe.results
-        self._take_credit(results[-1].get("next"), pending.sizes[0], sent)
+        self._take_credit(results[0].get("next"), pending.sizes[0], sent)
         existing = sum(1 for o in pending.offsets if o == RESERVE_EXISTS)
         return (sum(r["stored"] for r in results), existing + sum(r.get("existing", 0) for r in results), 0,
                 [tuple(e) for r in results for e in r["errors"]])

@@ -384,8 +384,8 @@ class NodeStore:
             assert info is not None
             items = reservation.items
             credit = any(key is None for _, key, _, _ in items)
-            if keep and (not credit or renew):
-                raise InvalidArgument("keep applies to a credit reservation, without renew")
+            if keep and not credit:
+                raise InvalidArgument("keep applies to a credit reservation")
             if keep:
                 named = named or {}
                 reservation.items = [item for item in items if item[0] not in named]

@@ -235,8 +235,8 @@ def test_a_big_credit_put_commits_its_chunks_but_the_last_while_it_writes_the_la
     result = client.put(keys, small_chunks(6, seed=4))
     assert (result.stored, result.existing, result.errors) == (6, 0, ())
     assert [op for op, _ in sent] == ["commit", "commit"]
-    assert sent[0][1]["keep"] and len(sent[0][1]["named"]) == 5 and "renew" not in sent[0][1]
-    assert "keep" not in sent[1][1] and len(sent[1][1]["named"]) == 1 and sent[1][1]["renew"]
+    assert sent[0][1]["keep"] and len(sent[0][1]["named"]) == 5 and sent[0][1]["renew"]  # the next credit
+    assert "keep" not in sent[1][1] and len(sent[1][1]["named"]) == 1 and "renew" not in sent[1][1]
     assert torch.equal(client.get(keys), small_chunks(6, seed=4))
     assert torch.equal(client.get(first), small_chunks(6))
     # half already stored by someone else: counted as existing, the rest stored, the credit renewed

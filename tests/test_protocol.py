@@ -180,14 +180,15 @@ def test_commit_with_keep_publishes_named_slots_and_keeps_the_rest_reserved(agen
     keyed = raw_result(raw.call("reserve", {"ns": SMALL_NS.digest, "keys": keys[2], "sizes": [size]}))
     assert raw.call("commit", {"rid": keyed["rid"], "keep": True})[:2] == ["err", "invalid_argument"]
     credit = raw_result(raw.call("reserve", {"ns": SMALL_NS.digest, "sizes": [size] * 2}))
-    assert raw.call("commit", {"rid": credit["rid"], "keep": True, "renew": [size]})[:2] == ["err", "invalid_argument"]
     arena = client._arena
     for slot, key in enumerate(keys[:2]):
         header = ChunkHeader(codec="raw", geometry=SMALL, payload_len=SMALL.nbytes, namespace=SMALL_NS.digest, key=key)
         arena[credit["offsets"][slot]:credit["offsets"][slot] + HEADER_BYTES].numpy()[:] = memoryview(header.pack())
-    part = raw_result(raw.call("commit", {"rid": credit["rid"], "named": {0: keys[0]}, "keep": True}))
+    part = raw_result(raw.call("commit", {"rid": credit["rid"], "named": {0: keys[0]}, "keep": True,
+                                          "renew": [size] * 3}))
     assert part["stored"] == 1 and client.contains(keys[:2]) == [True, False]
-    assert client.stats()["reservations"] == 2  # slot 1 is still reserved (and the keyed reservation)
+    assert len(part["next"]["offsets"]) == 3 and part["next"]["rid"] != credit["rid"]
+    assert client.stats()["reservations"] == 3  # slot 1 still reserved, the new credit, the keyed one
     rest = raw_result(raw.call("commit", {"rid": credit["rid"], "named": {1: keys[1]}}))
     assert rest["stored"] == 1 and client.contains(keys[:2]) == [True, True]
     with pytest.raises(NotFound):
