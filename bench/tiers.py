@@ -116,7 +116,10 @@ def run(args) -> dict:
         # CPU tier: ~192 MiB per trial (well beyond the CPU caches, like a real prompt's KV).
         n_cpu = args.chunks or max(batch, min(256, (192 << 20) // chunk_bytes))
         data = _chunks(geometry, n_cpu)
-        arena = max(512 << 20, 3 * n_cpu * (chunk_bytes + 8192))
+        # Big enough that a client's credit (at most 1/16 of the arena) holds a whole batch with room
+        # to spare, as with the default arena (25% of memory, up to 8 GiB: 5.9 GB on the CI machine
+        # type). In a 602 MB arena every put fell back to reserve + commit: two round trips.
+        arena = max(512 << 20, 3 * n_cpu * (chunk_bytes + 8192), 32 * batch * (chunk_bytes + 8192))
         with agent_process({"cpu.arena_bytes": arena, "cpu.slab_bytes": slab, "disk.enabled": False},
                            workdir) as (socket_path, _):
             with LocalClient(namespace, geometry, socket_path=socket_path) as client:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -41,6 +42,7 @@ from .tiers.memory import pack_keys
 _KEY_AT, _CODEC_AT = 64, 6  # byte offsets of the key and the codec id in a chunk header (docs/chunk-format.md)
 _LEASE_MARGIN_S = 1.0  # stop touching a slot this long before the agent may reclaim it
 _MAX_CREDIT = 64  # slots a client keeps reserved for its next put
+_CREDIT_MEMORY = 16  # puts whose sizes the next credit's size is chosen from
 # A credit put of at least this many bytes commits all its chunks but the last while it copies the last
 # (the agent's ~1 ms commit then overlaps the copy); a smaller one is not worth a second message.
 PIPELINE_MIN_BYTES = 8 << 20
@@ -259,6 +261,7 @@ class LocalClient:
         self.codec = codec_name
         self._credit: dict | None = None  # arena slots reserved by the last commit for the next put
         self._credit_lock = threading.Lock()  # begin_put and commit_put may run on different threads
+        self._recent_puts: deque[int] = deque(maxlen=_CREDIT_MEMORY)  # chunks in each recent put
         self.conn = AgentConnection(socket_path, timeout, cfg, on_connect=self._register)
 
     def _register(self, conn: AgentConnection) -> None:
@@ -524,11 +527,14 @@ class LocalClient:
             self._call("abort", {"rid": credit["rid"]})
 
     def _credit_sizes(self, sizes: list[int]) -> list[int]:
-        """Sizes of the credit to reserve for the next put: like this one, if the chunks have one size,
-        at most _MAX_CREDIT slots (bigger puts amortise their round trips) and 1/16 of the arena."""
+        """Sizes of the credit to reserve for the next put, if this one's chunks have one size: as many
+        slots as the largest of the last _CREDIT_MEMORY puts (so a short put, such as the tail of a
+        prompt, does not leave a credit too small for the next full one), at most _MAX_CREDIT (bigger
+        puts amortise their round trips) and 1/16 of the arena."""
         if not sizes or any(size != sizes[0] for size in sizes) or len(sizes) > _MAX_CREDIT:
             return []
-        return [sizes[0]] * min(len(sizes), max(1, self.conn.arena_bytes // 16 // sizes[0]))
+        self._recent_puts.append(len(sizes))
+        return [sizes[0]] * min(max(self._recent_puts), max(1, self.conn.arena_bytes // 16 // sizes[0]))
 
     def _stored(self, keys: Sequence[bytes]) -> list[bool]:
         """Which keys the shared directory shows as stored in this namespace (all False without it)."""

@@ -252,3 +252,13 @@ def test_a_big_credit_put_commits_its_chunks_but_the_last_while_it_writes_the_la
     while observer.stats()["reservations"] > 1 and time.monotonic() < deadline:  # `other` left: its credit goes
         time.sleep(0.05)
     assert observer.stats()["reservations"] == 1  # only client's renewed credit is held
+
+
+def test_a_short_put_keeps_a_credit_big_enough_for_the_next_full_one(agent):
+    client = agent.client()
+    ops = count_ops(client)
+    for i, n in enumerate((6, 2, 6, 1, 6)):  # full prompts with short tails between them
+        keys = client.keys(tokens(n, start=i * 10_000))
+        assert client.put(keys, small_chunks(n, seed=i)).stored == n
+    assert ops == ["reserve", "commit", "commit", "commit", "commit", "commit"]  # no reserve after the first
+    assert torch.equal(client.get(client.keys(tokens(6, start=40_000))), small_chunks(6, seed=4))
