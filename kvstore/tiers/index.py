@@ -54,8 +54,7 @@ MOVED, CLOSED = 1, 2
 def find_slot(table: np.ndarray, low: int, high: int, any_high: bool = False) -> tuple[int, int] | None:
     """(bucket, way) of the live key (low, high) in a [buckets, 2 * WAYS] table, or of any live key with
     this low half; None if there is none. One key, in plain Python: two rows read."""
-    mask = table.shape[0] - 1
-    for bucket in (low & mask, (high >> 32) & mask):
+    for bucket in _choices(low, high, table.shape[0] - 1):
         row = table[bucket].tolist()
         for way in range(WAYS):
             tag = row[WAYS + way]
@@ -75,9 +74,8 @@ def lookup_lines(lines: np.ndarray, packed: np.ndarray) -> np.ndarray:
         return np.empty(0, dtype=np.int64)
     if len(packed) <= SCALAR_LOOKUP_MAX:
         table = lines.view(np.uint64).reshape(len(lines), 2 * WAYS)
-        found = [find_slot(table, low, high) for low, high in packed.tolist()]
-        return np.array([EMPTY if slot is None else (int(table[slot[0], WAYS + slot[1]]) & 0xFFFFFFFF) - 1
-                         for slot in found], dtype=np.int64)
+        return np.array([_value_at(table, find_slot(table, low, high)) for low, high in packed.tolist()],
+                        dtype=np.int64)
     mask = np.uint64(len(lines) - 1)
     values = _probe(lines, packed, packed[:, 0] & mask)
     rest = np.flatnonzero(values < 0)
@@ -116,8 +114,20 @@ def _prefer_huge_pages(mapping: mmap.mmap) -> None:
             pass
 
 
+def _choices(low: int, high: int, mask: int) -> tuple[int, int]:
+    """A key's first and second bucket; `high` may be its tag, which keeps the bits the second uses."""
+    return low & mask, (high >> 32) & mask
+
+
 def _tag(high: int, value: int) -> int:
+    if not 0 <= value <= MAX_VALUE:
+        raise ValueError(f"index values must be in [0, {MAX_VALUE}], not {value}")
     return (high & _HIGH_TOP) | (value + 1)
+
+
+def _value_at(table: np.ndarray, slot: tuple[int, int] | None) -> int:
+    """The value in a (bucket, way) slot of `find_slot`, EMPTY for None."""
+    return EMPTY if slot is None else (int(table[slot[0], WAYS + slot[1]]) & 0xFFFFFFFF) - 1
 
 
 class CuckooIndex:
@@ -196,29 +206,25 @@ class CuckooIndex:
 
     # ---- single-key updates -----------------------------------------------------------------------
     def _buckets(self, low: int, tag: int) -> tuple[int, int]:
-        """A key's first and second choice (from its low half and from its tag, which is all the
-        table keeps of its high half)."""
-        return low & self._mask, (tag >> 32) & self._mask
+        return _choices(low, tag, self._mask)
 
     def _slot(self, low: int, high: int, any_high: bool = False) -> tuple[int, int] | None:
         """(bucket, way) of the live key (low, high), or of any live key with this low half."""
         return find_slot(self._table, low, high, any_high)
 
     def get(self, low: int, high: int) -> int:
-        slot = self._slot(low, high)
-        return EMPTY if slot is None else (int(self._table[slot[0], WAYS + slot[1]]) & 0xFFFFFFFF) - 1
+        return _value_at(self._table, self._slot(low, high))
 
     def insert(self, low: int, high: int, value: int) -> bool:
         """Add a key; False (and no change) if it, or a key sharing its low half, is present."""
-        if not 0 <= value <= MAX_VALUE:
-            raise ValueError(f"index values must be in [0, {MAX_VALUE}], not {value}")
+        tag = _tag(high, value)  # checks the value's range
         if low == 0:
             return False  # indistinguishable from a free slot (odds 2^-64 for a digest): not indexed
         if self._slot(low, high, any_high=True) is not None:
             return False
         if (self.count + 1) > MAX_LOAD * self.capacity:
             self._grow()
-        if not self._place(low, _tag(high, value)):
+        if not self._place(low, tag):
             self._grow()  # the new key is in; the entry it finally displaced is re-placed by growing
         self.count += 1
         return True
@@ -228,8 +234,6 @@ class CuckooIndex:
         slot = self._slot(low, high)
         if slot is None:
             self.insert(low, high, value)
-        elif not 0 <= value <= MAX_VALUE:
-            raise ValueError(f"index values must be in [0, {MAX_VALUE}], not {value}")
         else:
             self._table[slot[0], WAYS + slot[1]] = _tag(high, value)
 
@@ -239,7 +243,7 @@ class CuckooIndex:
         if slot is None:
             return EMPTY
         bucket, way = slot
-        value = (int(self._table[bucket, WAYS + way]) & 0xFFFFFFFF) - 1
+        value = _value_at(self._table, slot)
         self._table[bucket, WAYS + way] = 0  # free first: a reader never sees a live tag on a stale key
         self._table[bucket, way] = 0
         self.count -= 1
