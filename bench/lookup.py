@@ -1,8 +1,8 @@
 """`kvstore bench lookup`: prefix-lookup latency from a client process, at 10^3 and 10^6 indexed chunks.
 
-Each index size has its agent in its own process, disk tier off, and the sizes are measured in turns. Chunks are really stored (reserve, write,
-commit) with a tiny geometry so that a million of them fit in a small arena; the index does not care
-how big a chunk is. One lookup = `LocalClient.lookup` of the 128 keys of a stored prompt: the matched
+Each index size has its own agent process (disk tier off), and the sizes are measured in turns.
+Chunks are really stored (reserve, write, commit) with a tiny geometry so that a million of them fit
+in a small arena; the index does not care how big a chunk is. One lookup = `LocalClient.lookup` of the 128 keys of a stored prompt: the matched
 prefix and the tier of each chunk, answered from the agent's shared directory (mapped by the client, no
 round trip). `rpc_p50_us_*` measure the same lookup asked of the agent over its socket. Keys are
 computed before the timed loop (an engine hashes while it schedules); `hash_us_128` is that cost.
@@ -118,9 +118,9 @@ def run(args) -> dict:
                     result[f"{prefix}p99_us_{_label(size)}"] = p99
                     if not rpc:
                         log(f"{_label(size)}: p50 {p50:.1f} us, p99 {p99:.1f} us")
-            size, _, client, proc, rss_before = agents[-1]
-            for size_, _, client_, _, _ in agents:
-                result[f"chunks_indexed_{_label(size_)}"] = client_.stats()["tiers"]["cpu"]["chunks"]
+            for size, _, client, _, _ in agents:
+                result[f"chunks_indexed_{_label(size)}"] = client.stats()["tiers"]["cpu"]["chunks"]
+            size, _, client, proc, rss_before = agents[-1]  # the largest: its memory per chunk
             chunks = result[f"chunks_indexed_{_label(size)}"]
             time.sleep(3.0)  # steady state: the agent trims freed request garbage every few seconds
             directory_bytes = os.path.getsize(client.conn.directory.path)
