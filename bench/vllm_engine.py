@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -40,6 +41,8 @@ def engine_env(multiprocess: bool, kv_cache_gib: int, base: dict | None = None) 
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        # a process sent SIGABRT prints every thread's stack first: how a hung engine tells where it hangs
+        "PYTHONFAULTHANDLER": "1",
     })
     return env
 
@@ -50,7 +53,11 @@ def connector_config(extra: dict) -> dict:
 
 
 class EngineProcess:
-    """One vLLM engine in a child process; `generate` sends it one request and waits (with a deadline)."""
+    """One vLLM engine in a child process; `generate` sends it one request and waits (with a deadline).
+
+    The engine runs in a session of its own, so closing it ends vLLM's engine-core and worker
+    processes too, and an engine that misses its deadline is made to print its stacks before it is
+    killed (see `close`)."""
 
     def __init__(self, spec: dict, timeout: float = 600.0, env: dict | None = None):
         self.timeout = timeout
@@ -58,9 +65,10 @@ class EngineProcess:
         self._results: queue.Queue = queue.Queue()
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "bench.vllm_engine"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, bufsize=1,
+            stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
             env=engine_env(spec.get("multiprocess", False), spec.get("kv_cache_gib", 1), env))
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         self._send(spec)
         self.startup_s = self._receive()["startup_s"]
 
@@ -80,8 +88,8 @@ class EngineProcess:
         try:
             result = self._results.get(timeout=self.timeout)
         except queue.Empty:
-            self.close()
-            raise TimeoutError(f"vLLM engine gave no answer in {self.timeout} s:\n{self.log_text[-4000:]}")
+            self._abort()
+            raise TimeoutError(f"vLLM engine gave no answer in {self.timeout} s:\n{self.log_text[-12000:]}")
         if result is None:
             raise RuntimeError(f"vLLM engine exited {self._proc.wait()}:\n{self.log_text[-6000:]}")
         return result
@@ -95,13 +103,28 @@ class EngineProcess:
         return "".join(self.log)
 
     def close(self) -> None:
+        """End of input ends the engine; whatever of its session is still alive a minute later is killed."""
         if self._proc.poll() is None:
             self._proc.stdin.close()
             try:
                 self._proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+                pass
+        self._signal_session(signal.SIGKILL)
+        self._proc.wait()
+
+    def _abort(self) -> None:
+        """A hung engine: every process of its session dumps its stacks into the log, then all are killed."""
+        self._signal_session(signal.SIGABRT)
+        self._reader.join(timeout=10)  # the dumps arrive on the pipe the reader drains
+        self._signal_session(signal.SIGKILL)
+        self._proc.wait()
+
+    def _signal_session(self, sig: int) -> None:
+        try:
+            os.killpg(self._proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass  # the whole session has already exited
 
     def __enter__(self) -> "EngineProcess":
         return self

@@ -108,7 +108,9 @@ class RayCluster:
             time.sleep(0.2)
 
 
-@pytest.fixture(scope="session")
+# Package scope: the three-node Ray cluster (raylets, GCS, agents with their heartbeats) stops once the
+# cluster tests are done, instead of running behind every later test on this 2-core machine.
+@pytest.fixture(scope="package")
 def ray_cluster(tmp_path_factory):
     from kvstore.cluster import pin_ray_to_loopback
 

