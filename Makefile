@@ -26,7 +26,7 @@ run: venv
 	$(VENV)/bin/kvstore demo
 
 test: venv
-	$(VPY) -m pytest -q
+	$(VPY) -m pytest -q --durations=15
 
 bench: venv
 	$(VENV)/bin/kvstore bench tiers --json
