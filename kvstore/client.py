@@ -456,22 +456,28 @@ class LocalClient:
         ahead = len(slots) - 1
         named = list(pending.named.items())  # (credit slot, key) in the order of `slots`
         with self.conn.pipeline() as pipe:
-            for part, first in ((slice(0, ahead), True), (slice(ahead, None), False)):
+
+            def commit_part(part: slice, **extra) -> float:
+                """Write and commit slots[part]; returns when the commit was sent."""
                 write(slots[part])
                 self._write_headers(pending, slots[part])
-                if time.monotonic() > pending.deadline:
-                    pipe.send("abort", {"rid": pending.rid})
-                    raise LeaseExpired("reservation expired before the chunks were written")
-                args = {"rid": pending.rid, "named": dict(named[part])}
-                if first:
-                    args.update(keep=True, renew=self._credit_sizes(pending.sizes))
-                    sent = time.monotonic()
-                pipe.send("commit", args)
-        results = pipe.results
-        self._take_credit(results[0].get("next"), pending.sizes[0], sent)
-        existing = sum(1 for o in pending.offsets if o == RESERVE_EXISTS)
-        return (sum(r["stored"] for r in results), existing + sum(r.get("existing", 0) for r in results), 0,
-                [tuple(e) for r in results for e in r["errors"]])
+                self._abort_if_expired(pending, pipe.send)
+                sent = time.monotonic()
+                pipe.send("commit", {"rid": pending.rid, "named": dict(named[part]), **extra})
+                return sent
+
+            sent = commit_part(slice(0, ahead), keep=True, renew=self._credit_sizes(pending.sizes))
+            commit_part(slice(ahead, None))
+        self._take_credit(pipe.results[0].get("next"), pending.sizes[0], sent)
+        return _put_outcome(pending, pipe.results)
+
+    @staticmethod
+    def _abort_if_expired(pending: "PendingPut", send) -> None:
+        """Past its deadline the agent may hand the slots to someone else: give them back (`send`:
+        `_call` or a pipeline's send) and raise LeaseExpired instead of committing what they hold."""
+        if time.monotonic() > pending.deadline:
+            send("abort", {"rid": pending.rid})
+            raise LeaseExpired("reservation expired before the chunks were written")
 
     def _write_headers(self, pending: "PendingPut", slots: list[tuple[int, int]]) -> None:
         arena = self.conn.arena_np
@@ -501,16 +507,12 @@ class LocalClient:
     def commit_put(self, pending: "PendingPut") -> tuple[int, int, int, list]:
         """Write the chunk headers and publish the filled slots of `pending`:
         (stored, existing, no_space, errors)."""
-        existing = sum(1 for o in pending.offsets if o == RESERVE_EXISTS)
-        no_space = sum(1 for o in pending.offsets if o == RESERVE_NO_SPACE)
         if pending.credit is not None and not pending.named:
             self._keep_credit(pending.credit)  # nothing written: the slots serve the next put
-            return 0, existing, no_space, []
-        if existing + no_space == len(pending.keys):
-            return 0, existing, no_space, []
-        if time.monotonic() > pending.deadline:  # the agent may hand these slots to someone else now
-            self._call("abort", {"rid": pending.rid})
-            raise LeaseExpired("reservation expired before the chunks were written")
+            return _put_outcome(pending, [])
+        if not pending.slots():  # every key stored already or without space
+            return _put_outcome(pending, [])
+        self._abort_if_expired(pending, self._call)
         self._write_headers(pending, pending.slots())
         args = {"rid": pending.rid, "renew": self._credit_sizes(pending.sizes)}
         if pending.named is not None:
@@ -518,8 +520,7 @@ class LocalClient:
         sent = time.monotonic()
         result = self._call("commit", args)
         self._take_credit(result.get("next"), pending.sizes[0], sent)
-        return (result["stored"], existing + result.get("existing", 0), no_space,
-                [tuple(e) for e in result["errors"]])
+        return _put_outcome(pending, [result])
 
     def _keep_credit(self, credit: dict) -> None:
         """Hold `credit` for the next put; one held already (another thread's commit) is given back."""
@@ -548,7 +549,7 @@ class LocalClient:
             return [False] * len(keys)
         # per key in Python, as begin_put's own loop: a put's few keys cost less so than numpy calls
         ns_id = self.ns_id
-        return [value >= 0 and value >> 8 == ns_id and value & 0xFF != 0 for value in values]
+        return [value >> 8 == ns_id and value & 0xFF != 0 for value in values]  # absent: -1 >> 8 == -1
 
     def _directory_bits(self, keys: Sequence[bytes]) -> np.ndarray:
         """Tier bits of each key in the shared directory; 0 where absent or in another namespace."""
@@ -665,6 +666,14 @@ def stored_prefix(bits: np.ndarray) -> tuple[int, bytes]:
     misses = np.flatnonzero(codes == 0)
     matched = int(misses[0]) if misses.size else len(codes)
     return matched, codes[:matched].tobytes()
+
+
+def _put_outcome(pending: PendingPut, results: list[dict]) -> tuple[int, int, int, list]:
+    """(stored, existing, no_space, errors) of a put from its reservation and its commits' results."""
+    existing = sum(1 for o in pending.offsets if o == RESERVE_EXISTS)
+    no_space = sum(1 for o in pending.offsets if o == RESERVE_NO_SPACE)
+    return (sum(r["stored"] for r in results), existing + sum(r.get("existing", 0) for r in results), no_space,
+            [tuple(e) for r in results for e in r["errors"]])
 
 
 def credit_fits(credit: dict, sizes: list[int]) -> bool:
