@@ -150,31 +150,36 @@ def test_agent_gone_mid_session_is_unavailable_not_a_hang(start_agent):
         client.lookup(keys)
 
 
-def count_ops(client) -> list[str]:
-    """Record the ops a client sends (wraps its connection's call)."""
-    ops: list[str] = []
-    call = client.conn.call
+def record_requests(client) -> list[tuple[str, dict]]:
+    """Record (op, args) of every request a client sends, pipelined ones included (wraps its
+    connection's _send, which every call and pipeline goes through)."""
+    sent: list[tuple[str, dict]] = []
+    send = client.conn._send
 
-    def recording(op, args, timeout=None):
-        ops.append(op)
-        return call(op, args, timeout)
+    def recording(op, args):
+        sent.append((op, args))
+        send(op, args)
 
-    client.conn.call = recording
-    return ops
+    client.conn._send = recording
+    return sent
+
+
+def ops_of(sent: list[tuple[str, dict]]) -> list[str]:
+    return [op for op, _ in sent]
 
 
 def test_puts_after_the_first_cost_one_round_trip(agent):
     client = agent.client()
-    ops = count_ops(client)
+    sent = record_requests(client)
     for i in range(4):
         keys = client.keys(tokens(2, start=i * 1000))
         assert client.put(keys, small_chunks(2, seed=i)).stored == 2
-    assert ops == ["reserve", "commit", "commit", "commit", "commit"]  # later puts use the credit
+    assert ops_of(sent) == ["reserve", "commit", "commit", "commit", "commit"]  # later puts use the credit
     for i in range(4):
         assert torch.equal(client.get(client.keys(tokens(2, start=i * 1000))), small_chunks(2, seed=i))
-    ops.clear()
+    sent.clear()
     again = client.put(client.keys(tokens(2, start=0)), small_chunks(2))
-    assert (again.stored, again.existing) == (0, 2) and ops == []  # the shared directory says: stored
+    assert (again.stored, again.existing) == (0, 2) and sent == []  # the shared directory says: stored
 
 
 def test_credit_put_first_writer_wins_and_credit_is_freed_on_disconnect(agent):
@@ -228,13 +233,11 @@ def test_a_big_credit_put_commits_its_chunks_but_the_last_while_it_writes_the_la
     client = agent.client()
     first = client.keys(tokens(6, start=0))
     assert client.put(first, small_chunks(6)).stored == 6  # leaves a credit of 6 slots
-    sent: list[tuple[str, dict]] = []
-    send = client.conn._send
-    client.conn._send = lambda op, args: (sent.append((op, args)), send(op, args))[1]
+    sent = record_requests(client)
     keys = client.keys(tokens(6, start=10_000))
     result = client.put(keys, small_chunks(6, seed=4))
     assert (result.stored, result.existing, result.errors) == (6, 0, ())
-    assert [op for op, _ in sent] == ["commit", "commit"]
+    assert ops_of(sent) == ["commit", "commit"]
     assert sent[0][1]["keep"] and len(sent[0][1]["named"]) == 5 and sent[0][1]["renew"]  # the next credit
     assert "keep" not in sent[1][1] and len(sent[1][1]["named"]) == 1 and "renew" not in sent[1][1]
     assert torch.equal(client.get(keys), small_chunks(6, seed=4))
@@ -245,7 +248,7 @@ def test_a_big_credit_put_commits_its_chunks_but_the_last_while_it_writes_the_la
     with agent.client() as other:
         other.put(mixed[3:], small_chunks(3, seed=5))
     again = client.put(mixed, small_chunks(6, seed=6))
-    assert (again.stored, again.existing) == (3, 3) and [op for op, _ in sent] == ["commit", "commit"]
+    assert (again.stored, again.existing) == (3, 3) and ops_of(sent) == ["commit", "commit"]
     assert torch.equal(client.get(mixed)[3:], small_chunks(3, seed=5))  # first writer wins
     observer = agent.client()
     deadline = time.monotonic() + 5
@@ -256,9 +259,9 @@ def test_a_big_credit_put_commits_its_chunks_but_the_last_while_it_writes_the_la
 
 def test_a_short_put_keeps_a_credit_big_enough_for_the_next_full_one(agent):
     client = agent.client()
-    ops = count_ops(client)
+    sent = record_requests(client)
     for i, n in enumerate((6, 2, 6, 1, 6)):  # full prompts with short tails between them
         keys = client.keys(tokens(n, start=i * 10_000))
         assert client.put(keys, small_chunks(n, seed=i)).stored == n
-    assert ops == ["reserve", "commit", "commit", "commit", "commit", "commit"]  # no reserve after the first
+    assert ops_of(sent) == ["reserve", "commit", "commit", "commit", "commit", "commit"]  # no reserve after the first
     assert torch.equal(client.get(client.keys(tokens(6, start=40_000))), small_chunks(6, seed=4))
