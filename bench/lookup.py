@@ -2,9 +2,9 @@
 
 Each index size has its own agent process (disk tier off), and the sizes are measured in turns.
 Chunks are really stored (reserve, write, commit) with a tiny geometry so that a million of them fit
-in a small arena; the index does not care how big a chunk is. One lookup = `LocalClient.lookup` of the 128 keys of a stored prompt: the matched
-prefix and the tier of each chunk, answered from the agent's shared directory (mapped by the client, no
-round trip). `rpc_p50_us_*` measure the same lookup asked of the agent over its socket. Keys are
+in a small arena; the index does not care how big a chunk is. One lookup = `LocalClient.lookup` of
+the 128 keys of a stored prompt: the matched prefix and the tier of each chunk, answered from the
+agent's shared directory (mapped by the client, no round trip). `rpc_p50_us_*` measure the same lookup asked of the agent over its socket. Keys are
 computed before the timed loop (an engine hashes while it schedules); `hash_us_128` is that cost.
 
 index_bytes_per_chunk = (growth of the agent's anonymous resident memory, RssAnon, from before the
@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,6 +36,15 @@ TINY = Geometry(layers=1, heads=1, head_dim=8, tokens=16, planes=1, dtype="float
 PUT_BATCH = 4096
 SAMPLES = 3000  # lookups per index size (and as many over the socket)
 ROUNDS = 300  # turns: each size gets SAMPLES / ROUNDS = 10 lookups per turn
+
+
+class _SizedAgent(NamedTuple):
+    """An agent process holding one index size, and the client that fills and times it."""
+    size: int
+    prompts: int  # stored prompts of PREFIX_CHUNKS chunks each
+    client: LocalClient
+    proc: subprocess.Popen
+    rss_before: int  # the agent's RssAnon before its chunks were stored
 
 
 def _rss_anon(pid: int) -> int:
@@ -105,12 +116,13 @@ def run(args) -> dict:
                 _populate(client, 0, prompts)
                 if client.conn.directory is None:
                     raise RuntimeError("the client could not map the agent's shared directory")
-                agents.append((size, prompts, client, proc, rss_before))
+                agents.append(_SizedAgent(size, prompts, client, proc, rss_before))
             for rpc in (False, True):
                 samples: dict[int, list[float]] = {size: [] for size in sizes}
                 for _ in range(ROUNDS):
-                    for size, prompts, client, _, _ in agents:
-                        samples[size] += _lookup_samples(client, prompts, rng, rpc, SAMPLES // ROUNDS)
+                    for agent in agents:
+                        samples[agent.size] += _lookup_samples(agent.client, agent.prompts, rng, rpc,
+                                                               SAMPLES // ROUNDS)
                 for size in sizes:
                     p50, p99 = percentiles_us(samples[size])
                     prefix = "rpc_" if rpc else ""
@@ -118,19 +130,19 @@ def run(args) -> dict:
                     result[f"{prefix}p99_us_{_label(size)}"] = p99
                     if not rpc:
                         log(f"{_label(size)}: p50 {p50:.1f} us, p99 {p99:.1f} us")
-            for size, _, client, _, _ in agents:
-                result[f"chunks_indexed_{_label(size)}"] = client.stats()["tiers"]["cpu"]["chunks"]
-            size, _, client, proc, rss_before = agents[-1]  # the largest: its memory per chunk
-            chunks = result[f"chunks_indexed_{_label(size)}"]
+            for agent in agents:
+                result[f"chunks_indexed_{_label(agent.size)}"] = agent.client.stats()["tiers"]["cpu"]["chunks"]
+            largest = agents[-1]  # its memory per chunk
+            chunks = result[f"chunks_indexed_{_label(largest.size)}"]
             time.sleep(3.0)  # steady state: the agent trims freed request garbage every few seconds
-            directory_bytes = os.path.getsize(client.conn.directory.path)
-            private = _rss_anon(proc.pid) - rss_before
+            directory_bytes = os.path.getsize(largest.client.conn.directory.path)
+            private = _rss_anon(largest.proc.pid) - largest.rss_before
             result["index_bytes_per_chunk"] = round((private + directory_bytes) / chunks, 1)
             result["agent_private_bytes_per_chunk"] = round(private / chunks, 1)
             result["directory_bytes_per_chunk"] = round(directory_bytes / chunks, 1)
             start = time.perf_counter()
             for p in range(200):
-                client.keys(_prompt_tokens(p))
+                largest.client.keys(_prompt_tokens(p))
             result["hash_us_128"] = round((time.perf_counter() - start) / 200 * 1e6, 1)
         top = _label(sizes[-1])
         result["p50_us"] = result[f"p50_us_{top}"]
