@@ -633,14 +633,30 @@ class NodeStore:
             self.counters.add("pins")
         return {"lease": reply["lid"], "pinned": len(lease.eids), "bytes": nbytes, "ttl": ttl}
 
+    def renew_pin(self, lid: int, digest: bytes, ttl: float) -> dict:
+        """Extend a live pin lease of namespace `digest` to `ttl` seconds from now (an operator keeping
+        a system prompt pinned renews before the TTL runs out). NotFound once it expired or ended."""
+        agent = self.cfg.agent
+        if not 0 < ttl <= agent.max_pin_ttl_s:
+            raise InvalidArgument(f"pin ttl {ttl} s is outside (0, agent.max_pin_ttl_s = {agent.max_pin_ttl_s}]")
+        with self.lock:
+            lease = self._pin_lease(lid, digest)
+            lease.expiry = time.monotonic() + ttl
+        return {"lease": lid, "pinned": len(lease.eids), "bytes": lease.nbytes, "ttl": ttl}
+
+    def _pin_lease(self, lid: int, digest: bytes | None) -> _Lease:
+        """The live pin lease `lid` (of namespace `digest` when given), else NotFound (caller holds the lock)."""
+        lease = self._leases.get(lid)
+        info = self._ns_by_id[lease.ns_id] if lease is not None and lease.conn == PIN_CONN else None
+        if info is None or digest is not None and info.digest != digest:
+            raise NotFound(f"pin lease {lid} is unknown, expired or released")
+        return lease
+
     def unpin(self, lid: int, digest: bytes | None = None) -> dict:
         """End a pin lease now. With `digest`, the lease must belong to that namespace (the controller
         checks the caller may see it), else it is as unknown as one that expired."""
         with self.lock:
-            lease = self._leases.get(lid)
-            info = self._ns_by_id[lease.ns_id] if lease is not None and lease.conn == PIN_CONN else None
-            if info is None or digest is not None and info.digest != digest:
-                raise NotFound(f"pin lease {lid} is unknown, expired or released")
+            lease = self._pin_lease(lid, digest)
             del self._leases[lid]
             self.cpu.unpin(lease.eids)
         return {"unpinned": len(lease.eids)}
@@ -1225,7 +1241,10 @@ class AgentServer:
         return self.store.chunks(ns, tier, start, limit, _arg(args, "pinned", bool, False))
 
     def _pin(self, conn: int, args: dict) -> dict:
-        return self.store.pin(_arg(args, "ns", bytes), self._keys(args), float(_arg(args, "ttl", (int, float))))
+        digest, ttl = _arg(args, "ns", bytes), float(_arg(args, "ttl", (int, float)))
+        if "renew" in args:  # an existing lease: a new TTL, no keys
+            return self.store.renew_pin(_arg(args, "renew", int), digest, ttl)
+        return self.store.pin(digest, self._keys(args), ttl)
 
     def _unpin(self, conn: int, args: dict) -> dict:
         ns = args.get("ns")

@@ -16,16 +16,16 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayError
 
 from ..config import ClusterConfig, KVStoreConfig
-from ..errors import KVStoreError, NotFound
-from ..node import TIER_DISK, TIER_NONE, TIER_REMOTE, AgentServer, NodeStore, _arg
-from ..protocol import split_keys
+from ..errors import AgentUnavailable, InvalidArgument, KVStoreError, NotFound
+from ..node import PIN_CONN, TIER_DISK, TIER_NONE, TIER_REMOTE, AgentServer, NodeStore, _arg
+from ..protocol import error_reply, split_keys
 from .chunks import PULL_CONN, REPLICA_CONN, export_chunks, import_chunks
 from .link import LinkError, LinkServer, PeerLink, failure, receive_chunks
 from .directory import DirectoryShard, Holders, best_tier
@@ -35,6 +35,8 @@ log = logging.getLogger("kvstore.cluster")
 
 AGENT_PREFIX = "agent-"
 _PUBLISH_LINGER_S = 0.002  # gather holdings changes this long into one batch per owner
+# What the control plane may run on every member (on_members): operator ops, never the data path.
+MEMBER_OPS = frozenset({"hello", "stats", "list", "chunks", "evict", "clear", "pin", "unpin", "move", "pull", "register"})
 
 
 def _by_owner(blob: bytes, members: list[str]):
@@ -571,36 +573,47 @@ class ClusterNode:
                 "peers_rtt_us": {n: round(p.rtt_s * 1e6) for n, p in dict(self._peers).items()},
                 "counters": dict(self.counters)}
 
-    def member_stats(self, own: dict) -> dict[str, dict]:
-        """Every member's agent stats: `own` for this node, each peer's asked over Ray, all at once, with
-        cluster.call_timeout_s. A peer that fails or answers late is {"error": why}."""
-        with self._members_lock:
-            peers = dict(self._peers)
-        refs = {node: peer.handle.stats.remote() for node, peer in peers.items()}
-        ready = set(ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.cfg.call_timeout_s)[0]
-                    if refs else ())
-        out = {self.node: own}
+    def on_members(self, op: str, calls: dict[str, dict], run_here: Callable[[str, dict], list],
+                   timeout: float) -> dict[str, list]:
+        """Run the local-protocol op `op` on several members at once: `calls` maps a node to its args;
+        this node runs it through `run_here`, each peer through its actor's `run_op`, all within
+        `timeout` s. Returns node -> its wire reply: ["ok", result], or ["err", code, message] for an
+        error, a peer that failed or answered late ("unavailable") or a node that is not a member
+        ("not_found")."""
+        refs, out = {}, {}
+        for node, args in calls.items():
+            peer = self._peer(node) if node != self.node else None
+            if peer is not None:
+                refs[node] = peer.handle.run_op.remote(op, args)
+            elif node != self.node:
+                out[node] = error_reply(NotFound("not a member of this cluster"))
+        if self.node in calls:  # ours while the peers work on theirs
+            out[self.node] = run_here(op, calls[self.node])
+        ready = set(ray.wait(list(refs.values()), num_returns=len(refs),
+                             timeout=max(0.0, timeout))[0] if refs else ())
         for node, ref in refs.items():
             try:
                 if ref not in ready:
-                    raise TimeoutError(f"no answer within cluster.call_timeout_s ({self.cfg.call_timeout_s} s)")
+                    raise TimeoutError(f"no answer within {timeout:.3g} s")
                 out[node] = ray.get(ref, timeout=0)
             except (RayError, TimeoutError) as exc:
-                out[node] = {"error": str(exc) or type(exc).__name__}
+                self.counters["member_call_failures"] += 1
+                out[node] = error_reply(AgentUnavailable(str(exc) or type(exc).__name__))
         return out
 
 
 class ClusterServer(AgentServer):
     """The local protocol, with the cluster behind `lookup` (arg `cluster`), `acquire` (pulls what
-    peers hold first), `flush` (also waits for replication and the directory), `prefetch`, and a
-    `cluster` section in its stats."""
+    peers hold first), `flush` (also waits for replication and the directory), `prefetch`, `pull`,
+    `on_members` (an operator op on several members at once), and a `cluster` section in its stats."""
 
     def __init__(self, store: NodeStore, socket_path: str, cluster: ClusterNode):
         super().__init__(store, socket_path)
         self.cluster = cluster
         self._handlers.update({"hello": self._cluster_hello, "lookup": self._cluster_lookup,
                                "acquire": self._cluster_acquire, "flush": self._cluster_flush,
-                               "prefetch": self._prefetch, "members": self._members})
+                               "prefetch": self._prefetch, "pull": self._pull,
+                               "on_members": self._on_members})
 
     def _cluster_hello(self, conn: int, args: dict) -> dict:
         return {**self._hello(conn, args), "cluster": True, "node": self.cluster.node}
@@ -638,8 +651,36 @@ class ClusterServer(AgentServer):
     def stats(self) -> dict:
         return {**super().stats(), "cluster": self.cluster.stats()}
 
-    def _members(self, conn: int, args: dict) -> dict:
-        return self.cluster.member_stats(self.stats())
+    def _pull(self, conn: int, args: dict) -> dict:
+        """Bring every chunk among the keys that peers hold into this node now (not only a prefix):
+        the target side of the control plane's Move to another node."""
+        digest, blob = _arg(args, "ns", bytes), self._key_blob(args)
+        self.store._namespace(digest)
+        pulled, failed = self.cluster.pull_missing(digest, split_keys(blob), prefix=False)
+        return {"pulled": len(pulled), "failed": failed, "tiers": self.cluster._local_tiers(digest, blob).tobytes()}
+
+    def _on_members(self, conn: int, args: dict) -> dict:
+        op = _arg(args, "op", str)
+        if op not in MEMBER_OPS:
+            raise InvalidArgument(f"on_members runs only {sorted(MEMBER_OPS)}, not {op!r}")
+        nodes = args.get("nodes")
+        calls = args.get("calls")
+        if calls is None:
+            if nodes is not None and not (isinstance(nodes, list) and all(isinstance(n, str) for n in nodes)):
+                raise InvalidArgument("nodes must be a list of node ids")
+            shared = _arg(args, "args", dict, {})
+            calls = {node: shared for node in (self.cluster.members() if nodes is None else nodes)}
+        elif not (isinstance(calls, dict) and all(isinstance(n, str) and isinstance(a, dict) for n, a in calls.items())):
+            raise InvalidArgument("calls must map node ids to args")
+        timeout = float(_arg(args, "timeout", (int, float), self.cluster.cfg.call_timeout_s))
+        return self.cluster.on_members(op, calls, self.run_op, timeout)
+
+    def run_op(self, op: str, args: dict) -> list:
+        """The wire reply of one op on behalf of the control plane (on_members, here or from a peer),
+        as no connection: what it acquires it releases, what it pins belongs to no connection."""
+        if op not in MEMBER_OPS:
+            return error_reply(InvalidArgument(f"{op!r} cannot be run on a member"))
+        return self._dispatch(PIN_CONN, [op, args])[1]
 
 
 @ray.remote(num_cpus=0, max_concurrency=32, max_restarts=0)
@@ -671,6 +712,9 @@ class ClusterAgent:
 
     def stats(self) -> dict:
         return self.server.stats()
+
+    def run_op(self, op: str, args: dict) -> list:
+        return self.server.run_op(op, args)
 
     def apply_updates(self, node: str, blob: bytes, bits: bytes) -> None:
         self.cluster.shard.apply(node, split_keys(blob), list(bits))

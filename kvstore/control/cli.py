@@ -83,6 +83,7 @@ def add_commands(sub, add_config_args, func) -> None:
     ls.add_argument("--limit", type=int, default=100, help="page size")
     ls.add_argument("--page", default="", help="page token printed by the previous page")
     ls.add_argument("--pinned", action="store_true", help="only chunks that pin leases hold")
+    ls.add_argument("--node", default="", help="only this node's chunks (default: every node, one after another)")
 
     evict = command("evict", "drop chunks of a prompt from tiers", "Evict a prompt's chunks (tokens or --hashes).")
     namespace_arg(evict, "default: the only namespace, if there is one")
@@ -104,22 +105,26 @@ def add_commands(sub, add_config_args, func) -> None:
                        help="replay the events after this sequence number still buffered (0: only new ones)")
 
     pin = command("pin", "keep a prompt's chunks in the arena for a while",
-                  "Pin a prompt's stored chunks (the same arguments as lookup) in the node's arena, disk-only ones "
-                  "promoted first, so eviction skips them until the lease is released (kvstore unpin LEASE) or "
-                  "its TTL ends. Prints the lease.")
+                  "Pin a prompt's stored chunks (the same arguments as lookup) in the arena of every node that "
+                  "holds them, disk-only ones promoted first, so eviction skips them until the lease is released "
+                  "(kvstore unpin LEASE) or its TTL ends. Prints the lease. --renew LEASE gives a lease --ttl "
+                  "seconds from now instead.")
     prompt_args(pin)
     pin.add_argument("--ttl", type=float, default=3600.0,
                      help="seconds the pin lasts (default 3600; at most the agent's agent.max_pin_ttl_s)")
+    pin.add_argument("--renew", default=None, metavar="LEASE", help="renew this lease (no prompt needed)")
 
     unpin = command("unpin", "release a pin lease", "Release a lease that kvstore pin printed.")
     unpin.add_argument("lease")
 
     move = command("move", "move a prompt's chunks to the arena or to disk",
-                   "Move a prompt's stored chunks between this node's tiers: --to cpu promotes disk-only chunks "
+                   "Move a prompt's stored chunks between a node's tiers: --to cpu promotes disk-only chunks "
                    "into the arena; --to disk writes them to disk now and drops their arena copies (pinned ones "
-                   "stay).")
+                   "stay). With --node (a cluster member), that node pulls every chunk of the prompt some node "
+                   "holds and the other nodes drop theirs.")
     prompt_args(move)
     move.add_argument("--to", required=True, choices=["cpu", "disk"], help="target tier")
+    move.add_argument("--node", default="", help="target node (default: the node the controller fronts)")
 
     prefetch = command("prefetch", "bring a prompt's chunks into the arena",
                        "Bring a prompt's chunks into the node's arena: from disk now and, on a cluster agent, from "
@@ -291,7 +296,7 @@ def cmd_lookup(client, args) -> int:
 
 def cmd_ls(client, args) -> int:
     request = pb.ListChunksRequest(namespace=_namespace(client, args, required=False), page_size=args.limit,
-                                   page_token=args.page, pinned_only=args.pinned,
+                                   page_token=args.page, pinned_only=args.pinned, node=args.node,
                                    tier=_TIERS_BY_NAME[args.tier] if args.tier else pb.TIER_UNSPECIFIED)
     reply = client.ListChunks(request)
 
@@ -325,6 +330,10 @@ def cmd_clear(client, args) -> int:
 
 
 def cmd_pin(client, args) -> int:
+    if args.renew:
+        reply = client.Pin(pb.PinRequest(lease=args.renew, ttl_s=args.ttl))
+        return _emit(args, reply, lambda m: _print(f"renewed {m.pinned_chunks} pinned chunks for {args.ttl:g} s: "
+                                                   f"lease {m.lease}"))
     reply = client.Pin(pb.PinRequest(query=_query(client, args), ttl_s=args.ttl))
     return _emit(args, reply, lambda m: _print(f"pinned {m.pinned_chunks} chunks for {args.ttl:g} s: lease {m.lease}"
                                                if m.lease else "nothing pinned: none of the prompt's chunks is stored"))
@@ -336,8 +345,9 @@ def cmd_unpin(client, args) -> int:
 
 
 def cmd_move(client, args) -> int:
-    reply = client.Move(pb.MoveRequest(query=_query(client, args), to_tier=_TIERS_BY_NAME[args.to]))
-    return _emit(args, reply, lambda m: _print(f"{m.moved_chunks} chunks of the prompt are in {args.to} now"))
+    reply = client.Move(pb.MoveRequest(query=_query(client, args), to_tier=_TIERS_BY_NAME[args.to], to_node=args.node))
+    where = f" on node {args.node}" if args.node else ""
+    return _emit(args, reply, lambda m: _print(f"{m.moved_chunks} chunks of the prompt are in {args.to}{where} now"))
 
 
 def cmd_prefetch(client, args) -> int:

@@ -9,6 +9,7 @@ deadline), so several controllers may run side by side. The only cache is namesp
 from __future__ import annotations
 
 import functools
+from collections import Counter
 import logging
 import queue
 import socket
@@ -24,12 +25,12 @@ from grpc_reflection.v1alpha import reflection
 
 from ..client import AgentConnection, namespace_bits, stored_prefix
 from ..config import KVStoreConfig
-from ..errors import AgentUnavailable, CapacityExhausted, InvalidArgument, KVStoreError, NotFound
+from ..errors import ERRORS_BY_CODE, AgentUnavailable, CapacityExhausted, InvalidArgument, KVStoreError, NotFound
 from ..keys import Namespace, chunk_keys
 from ..metrics import ControllerMetrics
 from ..node import DIR_BITS, TIER_CPU, TIER_DISK, TIER_GPU, TIER_NAMES, TIER_NONE, TIER_REMOTE
 from ..proto import kvstore_pb2 as pb
-from ..protocol import PROTOCOL_VERSION
+from ..protocol import PROTOCOL_VERSION, error_reply
 from ..tiers.memory import pack_keys
 from ..proto import kvstore_pb2_grpc as pb_grpc
 from .auth import ANYONE, AuthFailed, Principal, TokenAuth
@@ -54,18 +55,12 @@ class PermissionDenied(Exception):
     """The token is valid but not for this tenant: PERMISSION_DENIED."""
 
 
-class Unimplemented(Exception):
-    """An RPC or option this controller does not serve yet: UNIMPLEMENTED."""
-
-
 def status_of(exc: BaseException) -> grpc.StatusCode:
     """The gRPC status code for an exception raised while serving a call."""
     if isinstance(exc, AuthFailed):
         return grpc.StatusCode.UNAUTHENTICATED
     if isinstance(exc, PermissionDenied):
         return grpc.StatusCode.PERMISSION_DENIED
-    if isinstance(exc, Unimplemented):
-        return grpc.StatusCode.UNIMPLEMENTED
     if isinstance(exc, InvalidArgument):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, NotFound):
@@ -184,16 +179,37 @@ def _abort(name: str, code: grpc.StatusCode, exc: Exception, context: grpc.Servi
     context.abort(code, f"{name}: {exc}")
 
 
-def _parse_lease(lease: str) -> tuple[bytes, int]:
-    """(namespace digest, agent lease id) of a lease string from Pin: "<namespace hex>-<id>"."""
-    ns_hex, _, lid = lease.partition("-")
-    try:
-        digest = bytes.fromhex(ns_hex)
-        if len(digest) == 16 and lid.isdigit():
-            return digest, int(lid)
-    except ValueError:
-        pass
-    raise InvalidArgument(f"{lease!r} is not a lease from Pin (<namespace hex>-<id>)")
+def _parse_page_token(token: str, nodes: list[str]) -> tuple[str, int]:
+    """(node, position in its listing) of a ListChunks page token; ("", 0) for the first page."""
+    if not token:
+        return "", 0
+    node, _, start = token.rpartition(":")
+    if node not in nodes or not start.isdigit():
+        raise InvalidArgument(f"bad page_token {token!r}")
+    return node, int(start)
+
+
+def _answers(replies: dict[str, list], tolerate: tuple[str, ...] = ("not_found",)) -> dict[str, Any]:
+    """node -> result of the nodes whose reply is ok. An error whose code is in `tolerate` leaves its
+    node out (not_found: the node does not know the namespace, so holds nothing of it). Any other error
+    is raised as its own type, naming the node (and how many nodes did answer)."""
+    ok: dict[str, Any] = {}
+    for node, reply in sorted(replies.items()):
+        if reply[0] == "ok":
+            ok[node] = reply[1]
+        elif reply[1] not in tolerate:
+            answered = sum(1 for r in replies.values() if r[0] == "ok")
+            done = f" ({answered} of {len(replies)} nodes answered)" if len(replies) > 1 else ""
+            raise ERRORS_BY_CODE.get(reply[1], KVStoreError)(f"node {node}: {reply[2]}{done}")
+    return ok
+
+
+def _summed(results: dict[str, dict]) -> Counter:
+    """Per-node count dicts added up."""
+    total: Counter = Counter()
+    for counts in results.values():
+        total.update({k: v for k, v in counts.items() if isinstance(v, int)})
+    return total
 
 
 def _tier_counts(tiers: bytes) -> np.ndarray:
@@ -241,9 +257,32 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
     def call(self, op: str, args: dict, context: grpc.ServicerContext | None) -> Any:
         return self.agent.call(op, args, self.timeout(context))
 
+    def on_nodes(self, op: str, context, args: dict | None = None, calls: dict[str, dict] | None = None
+                 ) -> dict[str, list]:
+        """Run agent op `op` on the nodes this controller speaks for, at once: with `calls` (node ->
+        args) on those nodes, else with `args` on every node: each cluster member (the agent's
+        `on_members`, within what is left of the deadline), or this node. Node -> wire reply
+        (["ok", result] or ["err", code, message]); a node that is not a member: not_found."""
+        timeout = self.timeout(context)
+        if self.agent.is_cluster(timeout):
+            request = {"op": op, "timeout": max(0.0, timeout - _MOVE_MARGIN_S)}
+            request.update({"calls": calls} if calls is not None else {"args": args or {}})
+            return self.agent.call("on_members", request, timeout)
+        replies = {}
+        for node, node_args in (calls if calls is not None else {self.node: args or {}}).items():
+            if node != self.node:
+                replies[node] = error_reply(NotFound(f"not this controller's node ({self.node})"))
+                continue
+            try:
+                replies[node] = ["ok", self.agent.call(op, node_args, timeout)]
+            except (InvalidArgument, NotFound, CapacityExhausted) as exc:  # the node's answer, not its absence
+                replies[node] = error_reply(exc)
+        return replies
+
     def namespaces(self, context, refresh: bool = False) -> dict[bytes, dict]:
+        """Every namespace registered on a node this controller speaks for: digest -> description."""
         if refresh or not self._namespaces:
-            listed = self.call("list", {}, context)
+            listed = [ns for reply in _answers(self.on_nodes("list", context), tolerate=("not_found", "unavailable")).values() for ns in reply]
             self._geometries = {ns["digest"]: ns["geometry"] for ns in listed}
             self._namespaces = {ns["digest"]: ns["description"] for ns in listed}
         return self._namespaces
@@ -374,9 +413,8 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
     def node_stats(self, context) -> dict[str, dict]:
         """Agent stats by node: every cluster member's (a member that did not answer: {"error": why}),
         or this node's."""
-        if self.agent.is_cluster(self.timeout(context)):
-            return self.call("members", {}, context)
-        return {self.node: self.call("stats", {}, context)}
+        replies = self.on_nodes("stats", context)
+        return {node: reply[1] if reply[0] == "ok" else {"error": reply[2]} for node, reply in replies.items()}
 
     @_rpc
     def Stats(self, request, context, principal):
@@ -417,25 +455,42 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         page_size = request.page_size or 1000
         if page_size > MAX_PAGE:
             raise InvalidArgument(f"page_size {page_size} exceeds {MAX_PAGE}")
-        try:
-            start = int(request.page_token or 0)
-        except ValueError:
-            raise InvalidArgument(f"bad page_token {request.page_token!r}") from None
-        if start < 0:
-            raise InvalidArgument(f"bad page_token {request.page_token!r}")
-        if request.node and request.node != self.node:
-            return pb.ListChunksResponse()
-        args: dict = {"tier": PB_TO_TIER[request.tier], "start": start, "limit": page_size,
-                      "pinned": request.pinned_only}
+        args: dict = {"tier": PB_TO_TIER[request.tier], "limit": page_size, "pinned": request.pinned_only}
         if request.namespace:
             self.describe(request.namespace, principal, context)
             args["ns"] = request.namespace
-        reply = self.call("chunks", args, context)
+        # Nodes are listed one after another, in node order; the page token is "<node>:<position>".
+        nodes = sorted(self.on_nodes("hello", context, {"version": PROTOCOL_VERSION}))
+        if request.node:
+            if request.node not in nodes:
+                raise NotFound(f"node {request.node} is not a node this controller serves ({', '.join(nodes)})")
+            nodes = [request.node]
+        node, start = _parse_page_token(request.page_token, nodes)
+        nodes = nodes[nodes.index(node):] if node else nodes
+        replies = self.on_nodes("chunks", context, calls={n: {**args, "start": start if n == node else 0}
+                                                          for n in nodes})
         visible = self.visible(principal, context) if principal.tenants is not None else None
-        chunks = [pb.ChunkInfo(hash=key, namespace=ns, node=self.node,
-                               tiers=[TIER_TO_PB[t] for t, bit in DIR_BITS.items() if bits & bit])
-                  for key, ns, bits in reply["chunks"] if visible is None or ns in visible]
-        return pb.ListChunksResponse(chunks=chunks, next_page_token=str(reply["next"]) if reply["next"] else "")
+        chunks: list[pb.ChunkInfo] = []
+        next_token = ""
+        for n in nodes:
+            # a node that does not know the namespace holds none of it; one that is down is left out
+            # of a listing of every node, and is an error when asked for by name
+            reply = _answers({n: replies[n]}, tolerate=("not_found",) if request.node else ("not_found", "unavailable"))
+            if n not in reply:
+                continue
+            page = reply[n]["chunks"][:page_size - len(chunks)]
+            chunks += [pb.ChunkInfo(hash=key, namespace=ns, node=n,
+                                    tiers=[TIER_TO_PB[t] for t, bit in DIR_BITS.items() if bits & bit])
+                       for key, ns, bits in page if visible is None or ns in visible]
+            first = start if n == node else 0
+            if len(page) < len(reply[n]["chunks"]) or (len(chunks) >= page_size and reply[n]["next"]):
+                next_token = f"{n}:{first + len(page)}"
+                break
+            if len(chunks) >= page_size:  # this node is done and the page is full: the next node starts
+                later = nodes[nodes.index(n) + 1:]
+                next_token = f"{later[0]}:0" if later else ""
+                break
+        return pb.ListChunksResponse(chunks=chunks, next_page_token=next_token)
 
     @_rpc
     def Evict(self, request, context, principal):
@@ -444,8 +499,8 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         if unknown:
             raise InvalidArgument(f"Evict takes tiers TIER_CPU and TIER_DISK, not {unknown}")
         tiers = [_LOCAL_TIERS[t] for t in request.tiers] or ["cpu", "disk"]
-        reply = self.call("evict", {"ns": digest, "keys": blob, "tiers": tiers}, context)
-        return pb.EvictResponse(cpu_chunks=reply["cpu"], disk_chunks=reply["disk"], pinned_chunks=reply["pinned"])
+        counts = _summed(_answers(self.on_nodes("evict", context, {"ns": digest, "keys": blob, "tiers": tiers})))
+        return pb.EvictResponse(cpu_chunks=counts["cpu"], disk_chunks=counts["disk"], pinned_chunks=counts["pinned"])
 
     @_rpc
     def Clear(self, request, context, principal):
@@ -462,36 +517,115 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             raise InvalidArgument("Clear needs a namespace or a tenant")
         cpu = disk = 0
         for digest in digests:
-            reply = self.call("clear", {"ns": digest}, context)
-            cpu, disk = cpu + reply["cpu"], disk + reply["disk"]
+            counts = _summed(_answers(self.on_nodes("clear", context, {"ns": digest})))
+            cpu, disk = cpu + counts["cpu"], disk + counts["disk"]
         return pb.ClearResponse(namespaces=len(digests), cpu_chunks=cpu, disk_chunks=disk)
 
     @_rpc
     def Pin(self, request, context, principal):
+        if request.lease:
+            return self._renew(request, context, principal)
         digest, blob, _ = self.keys_of(request.query, principal, context)
-        reply = self.call("pin", {"ns": digest, "keys": blob, "ttl": request.ttl_s}, context)
-        lease = f"{digest.hex()}-{reply['lease']}" if reply["lease"] else ""
-        return pb.PinResponse(pinned_chunks=reply["pinned"], lease=lease)
+        replies = self.on_nodes("pin", context, {"ns": digest, "keys": blob, "ttl": request.ttl_s})
+        leases = {node: reply[1]["lease"] for node, reply in replies.items() if reply[0] == "ok" and reply[1]["lease"]}
+        failed = {node: reply for node, reply in replies.items() if reply[0] != "ok" and reply[1] != "not_found"}
+        if failed:  # all or nothing, as on one agent: what did pin is unpinned, then the error is raised
+            self.on_nodes("unpin", context, calls={node: {"ns": digest, "lease": lid} for node, lid in leases.items()})
+            _answers(failed)
+        return pb.PinResponse(pinned_chunks=sum(replies[node][1]["pinned"] for node in leases),
+                              lease=self._lease(digest, leases, context))
+
+    def _renew(self, request, context, principal):
+        """Pin with `lease`: that lease, on every node it holds chunks on, lasts `ttl_s` from now."""
+        digest, leases = self._parse_lease(request.lease, context)
+        self.describe(digest, principal, context)
+        renewed = _answers(self.on_nodes("pin", context, calls={node: {"ns": digest, "renew": lid, "ttl": request.ttl_s}
+                                                                for node, lid in leases.items()}))
+        if not renewed:
+            raise NotFound(f"pin lease {request.lease} is unknown, expired or released")
+        return pb.PinResponse(pinned_chunks=sum(reply["pinned"] for reply in renewed.values()),
+                              lease=self._lease(digest, {node: leases[node] for node in renewed}, context))
 
     @_rpc
     def Unpin(self, request, context, principal):
-        digest, lid = _parse_lease(request.lease)
+        digest, leases = self._parse_lease(request.lease, context)
         self.describe(digest, principal, context)
-        self.call("unpin", {"ns": digest, "lease": lid}, context)
+        if not _answers(self.on_nodes("unpin", context, calls={node: {"ns": digest, "lease": lid}
+                                                               for node, lid in leases.items()})):
+            raise NotFound(f"pin lease {request.lease} is unknown, expired or released")
         return pb.UnpinResponse()
+
+    def _lease(self, digest: bytes, leases: dict[str, int], context) -> str:
+        """The lease string of per-node agent leases: "<namespace hex>-<id>@<node>+..." in a cluster,
+        "<namespace hex>-<id>" on one node; "" when nothing was pinned."""
+        if not leases:
+            return ""
+        if not self.agent.is_cluster(self.timeout(context)):
+            return f"{digest.hex()}-{leases[self.node]}"
+        return f"{digest.hex()}-" + "+".join(f"{lid}@{node}" for node, lid in sorted(leases.items()))
+
+    def _parse_lease(self, lease: str, context) -> tuple[bytes, dict[str, int]]:
+        """(namespace digest, node -> agent lease id) of a lease string from Pin (see _lease)."""
+        ns_hex, _, parts = lease.partition("-")
+        leases: dict[str, int] = {}
+        try:
+            digest = bytes.fromhex(ns_hex)
+            for part in parts.split("+"):
+                lid, _, node = part.partition("@")
+                if not lid.isdigit() or node in leases:
+                    raise ValueError(part)
+                leases[node] = int(lid)
+        except ValueError:
+            digest = b""
+        if len(digest) != 16 or not leases:
+            raise InvalidArgument(f"{lease!r} is not a lease from Pin (<namespace hex>-<id>[@<node>][+...])")
+        if "" in leases:  # "<id>" alone: a lease of the node this controller fronts
+            leases[self.own_node(context)] = leases.pop("")
+        return digest, leases
+
+    def own_node(self, context) -> str:
+        """The node of the agent this controller fronts: its Ray node id in a cluster, else the host name."""
+        if not self.agent.is_cluster(self.timeout(context)):
+            return self.node
+        return self.agent.call("hello", {"version": PROTOCOL_VERSION}, self.timeout(context))["node"]
 
     @_rpc
     def Move(self, request, context, principal):
         digest, blob, _ = self.keys_of(request.query, principal, context)
-        if request.to_node and request.to_node != self.node:
-            raise Unimplemented(f"moving chunks to another node ({request.to_node}) is not supported: this "
-                                f"controller serves node {self.node}; Prefetch through that node's controller")
         if request.to_tier not in _LOCAL_TIERS:
             raise InvalidArgument(f"Move takes to_tier TIER_CPU or TIER_DISK, not {request.to_tier}")
+        if request.to_node and request.to_node != self.own_node(context):
+            return self._move_to_node(request.to_node, digest, blob, _LOCAL_TIERS[request.to_tier], context)
         timeout = self.timeout(context)  # the agent answers with what is on disk by then, not an error
         reply = self.agent.call("move", {"ns": digest, "keys": blob, "tier": _LOCAL_TIERS[request.to_tier],
                                          "timeout": max(0.0, timeout - _MOVE_MARGIN_S)}, timeout)
         return pb.MoveResponse(moved_chunks=reply["moved"])
+
+    def _move_to_node(self, target: str, digest: bytes, blob: bytes, tier: str, context) -> pb.MoveResponse:
+        """Move to another cluster member: it pulls every chunk of the prompt some node holds, moves them
+        into `tier` there; then the other nodes drop the chunks the target holds (pinned ones stay)."""
+        self.register_on(target, digest, context)
+        pulled = _answers(self.on_nodes("pull", context, calls={target: {"ns": digest, "keys": blob}}), tolerate=())
+        held = np.flatnonzero(np.frombuffer(pulled[target]["tiers"], dtype=np.uint8) != TIER_NONE)
+        if not held.size:
+            return pb.MoveResponse()
+        held_blob = np.frombuffer(blob, dtype="V16")[held].tobytes()
+        left = max(0.0, self.timeout(context) - 2 * _MOVE_MARGIN_S)
+        moved = _answers(self.on_nodes("move", context, calls={target: {"ns": digest, "keys": held_blob, "tier": tier,
+                                                                        "timeout": left}}), tolerate=())
+        others = [node for node in self.on_nodes("hello", context, {"version": PROTOCOL_VERSION}) if node != target]
+        # a node that is down keeps its copies (no harm: the target's are the same bytes)
+        _answers(self.on_nodes("evict", context, calls={node: {"ns": digest, "keys": held_blob} for node in others}),
+                 tolerate=("not_found", "unavailable"))
+        return pb.MoveResponse(moved_chunks=moved[target]["moved"])
+
+    def register_on(self, node: str, digest: bytes, context) -> None:
+        """Register a namespace on `node` with its geometry and description (a no-op where it is)."""
+        self.namespaces(context)
+        if digest not in self._geometries:
+            self.namespaces(context, refresh=True)
+        args = {"ns": digest, "geometry": self._geometries[digest], "description": self._namespaces[digest]}
+        _answers(self.on_nodes("register", context, calls={node: args}), tolerate=())
 
     @_rpc
     def Prefetch(self, request, context, principal):

@@ -166,3 +166,19 @@ def store_only_on_a(cluster: RayCluster, prompt_tokens, data) -> tuple[list[byte
         assert other.flush(timeout=30)
         other.close()
     return keys, data
+
+
+@pytest.fixture
+def control_a(cluster):
+    """A real ControlServer on loopback (no auth) in front of agent a, and a gRPC client of it."""
+    from kvstore.control.client import ControlClient
+    from kvstore.control.server import ControlServer
+
+    cfg = load_config(env={}, overrides={"agent.socket_path": cluster["a"].socket_path, "control.insecure": True,
+                                         "control.address": "127.0.0.1:0", "control.metrics_address": ""})
+    server = ControlServer(cfg).start()
+    try:
+        with ControlClient(server.address, timeout=20) as control:
+            yield control
+    finally:
+        server.stop(0)

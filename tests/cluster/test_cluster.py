@@ -283,38 +283,103 @@ def test_ray_listens_only_on_loopback(cluster):
     assert not outside, outside
 
 
-def test_controller_in_front_of_one_agent_answers_for_every_node(cluster):
+def test_controller_in_front_of_one_agent_answers_for_every_node(cluster, control_a):
     """A real ControlServer on loopback in front of agent a: Lookup, Score, Stats and Health speak for
     the whole cluster (the holders as each node's own store knows them, every member's tiers)."""
-    from kvstore.config import load_config
-    from kvstore.control.client import ControlClient
-    from kvstore.control.server import ControlServer
     from kvstore.proto import kvstore_pb2 as pb
 
     from ..conftest import SMALL_NS
 
+    control = control_a
     b = cluster["b"].client()
     keys = b.keys(_prefix_tokens(5, base=9))
     b.put(keys, small_chunks(5, seed=19))
     assert b.flush(timeout=30)
     expected = _holder_prefixes(cluster, keys)
-    cfg = load_config(env={}, overrides={"agent.socket_path": cluster["a"].socket_path, "control.insecure": True,
-                                         "control.address": "127.0.0.1:0", "control.metrics_address": ""})
-    server = ControlServer(cfg).start()
-    try:
-        with ControlClient(server.address, timeout=10) as control:
-            query = pb.ChunkQuery(namespace=SMALL_NS.digest, chunk_hashes_packed=b"".join(keys))
-            reply = control.Lookup(pb.LookupRequest(query=query))
-            assert reply.matched_chunks == 5
-            assert {n.node: n.matched_chunks for n in reply.nodes} == expected
-            assert list(next(n for n in reply.nodes if n.node == cluster["b"].node_id).tiers) == [pb.TIER_CPU] * 5
-            score = control.Score(pb.ScoreRequest(query=query))
-            assert dict(score.matched_tokens_by_node) == {n: c * SMALL_NS.chunk_tokens for n, c in expected.items()}
-            stats = control.Stats(pb.StatsRequest())
-            assert sorted(n.node for n in stats.nodes) == sorted(a.node_id for a in cluster.agents.values())
-            assert all(any(t.tier == pb.TIER_CPU and t.capacity_bytes > 0 for t in n.tiers) for n in stats.nodes)
-            health = control.Health(pb.HealthRequest())
-            assert health.status == pb.HealthResponse.SERVING
-            assert dict(health.nodes) == {a.node_id: "serving" for a in cluster.agents.values()}
-    finally:
-        server.stop(0)
+    query = pb.ChunkQuery(namespace=SMALL_NS.digest, chunk_hashes_packed=b"".join(keys))
+    reply = control.Lookup(pb.LookupRequest(query=query))
+    assert reply.matched_chunks == 5
+    assert {n.node: n.matched_chunks for n in reply.nodes} == expected
+    assert list(next(n for n in reply.nodes if n.node == cluster["b"].node_id).tiers) == [pb.TIER_CPU] * 5
+    score = control.Score(pb.ScoreRequest(query=query))
+    assert dict(score.matched_tokens_by_node) == {n: c * SMALL_NS.chunk_tokens for n, c in expected.items()}
+    stats = control.Stats(pb.StatsRequest())
+    assert sorted(n.node for n in stats.nodes) == sorted(a.node_id for a in cluster.agents.values())
+    assert all(any(t.tier == pb.TIER_CPU and t.capacity_bytes > 0 for t in n.tiers) for n in stats.nodes)
+    health = control.Health(pb.HealthRequest())
+    assert health.status == pb.HealthResponse.SERVING
+    assert dict(health.nodes) == {a.node_id: "serving" for a in cluster.agents.values()}
+
+
+def _holdings(cluster, keys) -> dict[str, set[bytes]]:
+    """Ground truth: the keys among `keys` each node's own store holds (nodes holding none left out)."""
+    out = {}
+    for agent in cluster.agents.values():
+        client = agent.client()
+        held = {k for k, has in zip(keys, client.contains(keys)) if has}
+        client.close()
+        if held:
+            out[agent.node_id] = held
+    return out
+
+
+def test_controller_lists_pins_evicts_and_moves_on_every_node(cluster, control_a):
+    """ListChunks pages through every member, Pin leases chunks on every holder (and renews and ends
+    them there), Move to another node leaves the target the only holder, Evict drops every copy."""
+    import grpc
+
+    from kvstore.proto import kvstore_pb2 as pb
+
+    from ..conftest import SMALL_NS
+
+    control = control_a
+    b = cluster["b"].client()
+    keys = b.keys(_prefix_tokens(4, base=10))
+    assert b.put(keys, small_chunks(4, seed=20)).stored == 4
+    assert b.flush(timeout=30)  # replicated (r=2): every chunk on b and one more node
+    holdings = _holdings(cluster, keys)
+    assert sum(map(len, holdings.values())) == 8
+    query = pb.ChunkQuery(namespace=SMALL_NS.digest, chunk_hashes_packed=b"".join(keys))
+
+    listed, token = [], ""
+    for _ in range(2000):  # earlier tests' chunks are listed too
+        page = control.ListChunks(pb.ListChunksRequest(namespace=SMALL_NS.digest, page_size=7, page_token=token))
+        assert len(page.chunks) <= 7
+        listed += [(c.node, c.hash) for c in page.chunks]
+        token = page.next_page_token
+        if not token:
+            break
+    assert not token and len(set(listed)) == len(listed)  # to the end, nothing listed twice
+    assert {(n, k) for n, k in listed if k in keys} == {(n, k) for n, held in holdings.items() for k in held}
+    c_id = cluster["c"].node_id
+    only_c = control.ListChunks(pb.ListChunksRequest(namespace=SMALL_NS.digest, node=c_id, page_size=10000))
+    assert {c.node for c in only_c.chunks} <= {c_id}
+    with pytest.raises(grpc.RpcError) as info:
+        control.ListChunks(pb.ListChunksRequest(node="not-a-member"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+    pin = control.Pin(pb.PinRequest(query=query, ttl_s=600))
+    assert pin.pinned_chunks == 8 and pin.lease.count("@") == len(holdings)
+    pinned = control.ListChunks(pb.ListChunksRequest(namespace=SMALL_NS.digest, pinned_only=True, page_size=10000))
+    assert {(c.node, c.hash) for c in pinned.chunks} == {(n, k) for n, held in holdings.items() for k in held}
+    assert control.Evict(pb.EvictRequest(query=query, tiers=[pb.TIER_CPU])).pinned_chunks == 8
+    renewed = control.Pin(pb.PinRequest(lease=pin.lease, ttl_s=300))
+    assert (renewed.lease, renewed.pinned_chunks) == (pin.lease, 8)
+    control.Unpin(pb.UnpinRequest(lease=pin.lease))
+    assert not control.ListChunks(pb.ListChunksRequest(namespace=SMALL_NS.digest, pinned_only=True)).chunks
+    with pytest.raises(grpc.RpcError) as info:
+        control.Unpin(pb.UnpinRequest(lease=pin.lease))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+    moved = control.Move(pb.MoveRequest(query=query, to_tier=pb.TIER_CPU, to_node=c_id))
+    assert moved.moved_chunks == 4
+    assert _holdings(cluster, keys) == {c_id: set(keys)}  # the target holds all, nobody else any
+    c = cluster["c"].client()
+    assert torch.equal(c.get(keys), small_chunks(4, seed=20))
+    with pytest.raises(grpc.RpcError) as info:
+        control.Move(pb.MoveRequest(query=query, to_tier=pb.TIER_CPU, to_node="not-a-member"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+    evicted = control.Evict(pb.EvictRequest(query=query))
+    assert evicted.cpu_chunks == 4 and evicted.pinned_chunks == 0
+    assert _holdings(cluster, keys) == {}

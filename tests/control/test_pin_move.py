@@ -96,6 +96,23 @@ def test_a_lease_expires_after_its_ttl_and_the_chunks_become_evictable(control):
     assert code_of(client.Unpin, pb.UnpinRequest(lease=lease)) == Code.NOT_FOUND
 
 
+def test_renewing_a_lease_sets_its_ttl_from_now(control):
+    t, keys = put(control.agent, NS_A, 3)
+    client = control.client()
+    lease = client.Pin(pb.PinRequest(query=query(t), ttl_s=3600)).lease
+    for ttl in (0, -1, 10**9):
+        assert code_of(client.Pin, pb.PinRequest(lease=lease, ttl_s=ttl)) == Code.INVALID_ARGUMENT, ttl
+    assert code_of(client.Pin, pb.PinRequest(lease="not-a-lease", ttl_s=60)) == Code.INVALID_ARGUMENT
+    renewed = client.Pin(pb.PinRequest(lease=lease, ttl_s=1))  # from an hour to one second from now
+    assert (renewed.lease, renewed.pinned_chunks) == (lease, 3)
+    assert pinned_hashes(client) == set(keys[:3])
+    deadline = time.monotonic() + 15  # the sweeper runs every 0.5 s
+    while pinned_hashes(client) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pinned_hashes(client) == set()  # the renewed TTL, not the first one, ended it
+    assert code_of(client.Pin, pb.PinRequest(lease=lease, ttl_s=60)) == Code.NOT_FOUND  # expired: nothing to renew
+
+
 def test_pin_promotes_disk_chunks_and_clear_ends_the_lease(control):
     t, keys, client = on_disk_only(control)
     reply = client.Pin(pb.PinRequest(query=query(t), ttl_s=60))
@@ -199,7 +216,7 @@ def test_move_refuses_other_tiers_nodes_and_a_node_without_disk(control, memory_
         assert code_of(client.Move, pb.MoveRequest(query=query(t), to_tier=tier)) == Code.INVALID_ARGUMENT, tier
     with pytest.raises(grpc.RpcError) as info:
         client.Move(pb.MoveRequest(query=query(t), to_tier=pb.TIER_CPU, to_node="some-other-node"))
-    assert info.value.code() == Code.UNIMPLEMENTED and "some-other-node" in info.value.details()
+    assert info.value.code() == Code.NOT_FOUND and "some-other-node" in info.value.details()
     here = client.Stats(pb.StatsRequest()).nodes[0].node
     assert client.Move(pb.MoveRequest(query=query(t), to_tier=pb.TIER_CPU, to_node=here)).moved_chunks == 2
     t, _ = put(memory_only.agent, NS_A, 2)
@@ -235,6 +252,11 @@ def test_cli_pin_ls_unpin_move_prefetch(served):  # noqa: F811
     assert sorted(c["hash"] for c in listing["chunks"]) == sorted(k.hex() for k in keys[:3])
     evict = kvstore("evict", *at, "--tier", "cpu", *ids)
     assert "evicted 0 chunks from cpu" in evict.stdout and "3 pinned" in evict.stdout
+    renewed = kvstore("pin", *at, "--renew", lease, "--ttl", "60")
+    assert renewed.returncode == 0 and f"renewed 3 pinned chunks for 60 s: lease {lease}" in renewed.stdout
+    node = listing["chunks"][0]["node"]
+    assert len(json.loads(kvstore("ls", *at, "--node", node, "--output", "json").stdout)["chunks"]) == 3
+    assert kvstore("ls", *at, "--node", "elsewhere").returncode == 1  # NOT_FOUND
     assert kvstore("unpin", *at, lease).returncode == 0
     again = kvstore("unpin", *at, lease)
     assert again.returncode == 1 and "NOT_FOUND" in again.stderr
@@ -250,6 +272,8 @@ def test_cli_pin_ls_unpin_move_prefetch(served):  # noqa: F811
     lookup = json.loads(kvstore("lookup", *at, "--output", "json", *ids).stdout)
     assert lookup["nodes"][0]["per_tier"] == [{"tier": "TIER_CPU", "chunks": 3}]
     assert kvstore("move", *at, "--to", "gpu", *ids).returncode == 2
+    elsewhere = kvstore("move", *at, "--to", "cpu", "--node", "elsewhere", *ids)
+    assert elsewhere.returncode == 1 and "NOT_FOUND" in elsewhere.stderr
     bad_ttl = kvstore("pin", *at, "--ttl", "0", *ids)
     assert bad_ttl.returncode == 2 and "INVALID_ARGUMENT" in bad_ttl.stderr
     client.close()

@@ -108,7 +108,11 @@ def test_list_chunks_pages_and_filters(control):
     control.agent.store.flush(10)
     on_disk = client.ListChunks(pb.ListChunksRequest(tier=pb.TIER_DISK)).chunks
     assert len(on_disk) == 9 and all(pb.TIER_DISK in c.tiers for c in on_disk)
-    assert client.ListChunks(pb.ListChunksRequest(node="some-other-node")).chunks == []
+    here = everything[0].node
+    assert len(client.ListChunks(pb.ListChunksRequest(node=here, page_size=100)).chunks) == 9
+    assert code_of(client.ListChunks, pb.ListChunksRequest(node="some-other-node")) == grpc.StatusCode.NOT_FOUND
+    for bad in ("7", f"{here}:x", "other:0"):
+        assert code_of(client.ListChunks, pb.ListChunksRequest(page_token=bad)) == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_evict_then_clear_namespace_and_tenant(control):
