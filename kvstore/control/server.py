@@ -433,7 +433,8 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             return pb.HealthResponse(status=pb.HealthResponse.NOT_SERVING, message=reason, nodes={self.node: reason})
         if not self.agent.is_cluster(self.timeout(context)):
             return pb.HealthResponse(status=pb.HealthResponse.SERVING, nodes={self.node: "serving"})
-        nodes = {node: stats.get("error", "serving") for node, stats in self.node_stats(context).items()}
+        hellos = self.on_nodes("hello", context, {"version": PROTOCOL_VERSION})  # not every member's full stats
+        nodes = {node: "serving" if reply[0] == "ok" else reply[2] for node, reply in hellos.items()}
         down = sorted(node for node, state in nodes.items() if state != "serving")
         # The controller serves while its own agent does; members that did not answer are named.
         return pb.HealthResponse(status=pb.HealthResponse.SERVING, nodes=nodes,

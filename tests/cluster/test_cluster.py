@@ -383,3 +383,37 @@ def test_controller_lists_pins_evicts_and_moves_on_every_node(cluster, control_a
     evicted = control.Evict(pb.EvictRequest(query=query))
     assert evicted.cpu_chunks == 4 and evicted.pinned_chunks == 0
     assert _holdings(cluster, keys) == {}
+
+
+def test_controller_with_a_member_down_answers_for_the_rest_and_names_it(cluster, control_a):
+    """Agent c killed. Until the others' next heartbeat (cluster.heartbeat_s) c is still a member that
+    does not answer, after it a departed node; either way: Health does not call it serving, a listing of
+    every node answers without it, a listing of c is UNAVAILABLE (member) or NOT_FOUND (departed)
+    naming it, and Evict reaches the members that answer. Nothing hangs: every call has its deadline."""
+    import grpc
+
+    from kvstore.proto import kvstore_pb2 as pb
+
+    from ..conftest import SMALL_NS
+
+    b = cluster["b"].client()
+    keys = b.keys(_prefix_tokens(2, base=11))
+    assert b.put(keys, small_chunks(2, seed=21)).stored == 2
+    assert b.flush(timeout=30)
+    c_id = cluster["c"].node_id
+    cluster["c"].kill()  # the fixture restarts it for the next test
+    health = control_a.Health(pb.HealthRequest())
+    assert health.status == pb.HealthResponse.SERVING and dict(health.nodes).get(c_id, "departed") != "serving"
+    assert all(state == "serving" for node, state in health.nodes.items() if node != c_id)
+    listed = control_a.ListChunks(pb.ListChunksRequest(namespace=SMALL_NS.digest, page_size=10000)).chunks
+    assert c_id not in {c.node for c in listed} and {c.hash for c in listed} >= set(keys)
+    with pytest.raises(grpc.RpcError) as info:
+        control_a.ListChunks(pb.ListChunksRequest(node=c_id))
+    assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND)
+    assert c_id in info.value.details()
+    query = pb.ChunkQuery(namespace=SMALL_NS.digest, chunk_hashes_packed=b"".join(keys))
+    try:
+        control_a.Evict(pb.EvictRequest(query=query))
+    except grpc.RpcError as exc:  # c still a member: named as the one that did not answer
+        assert exc.code() == grpc.StatusCode.UNAVAILABLE and c_id in exc.details()
+    assert not any(b.contains(keys))  # the Evict did reach the members that answer
