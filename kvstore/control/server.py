@@ -9,12 +9,12 @@ deadline), so several controllers may run side by side. The only cache is namesp
 from __future__ import annotations
 
 import functools
-from collections import Counter
 import logging
 import queue
 import socket
 import threading
 import time
+from collections import Counter
 from concurrent import futures
 from typing import Any, Callable, NoReturn
 
@@ -46,7 +46,7 @@ _LOCAL_TIERS = {pb.TIER_CPU: "cpu", pb.TIER_DISK: "disk"}  # what Evict and Move
 MAX_PAGE = 10_000
 _WATCH_POLL_S = 0.05  # how often a watcher asks the agent for new events when there were none
 _TIER_BY_NAME = {name: code for code, name in TIER_NAMES.items()}
-_MOVE_MARGIN_S = 0.1  # the agent stops waiting for disk writes this long before the call's deadline
+_DEADLINE_MARGIN_S = 0.1  # the agent stops waiting (disk writes, other members) this long before the call's deadline
 _HEALTH_CHECK_S = 1.0  # how often the grpc.health.v1 status is refreshed from the agent
 CONTROL_SERVICE = pb.DESCRIPTOR.services_by_name["ControlService"].full_name  # "kvstore.v1.ControlService"
 
@@ -265,7 +265,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         (["ok", result] or ["err", code, message]); a node that is not a member: not_found."""
         timeout = self.timeout(context)
         if self.agent.is_cluster(timeout):
-            request = {"op": op, "timeout": max(0.0, timeout - _MOVE_MARGIN_S)}
+            request = {"op": op, "timeout": max(0.0, timeout - _DEADLINE_MARGIN_S)}
             request.update({"calls": calls} if calls is not None else {"args": args or {}})
             return self.agent.call("on_members", request, timeout)
         replies = {}
@@ -279,10 +279,17 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
                 replies[node] = error_reply(exc)
         return replies
 
+    def nodes(self, context) -> list[str]:
+        """The nodes this controller speaks for, sorted: every cluster member, or this node."""
+        if not self.agent.is_cluster(self.timeout(context)):
+            return [self.node]
+        return sorted(self.on_nodes("hello", context, {"version": PROTOCOL_VERSION}))
+
     def namespaces(self, context, refresh: bool = False) -> dict[bytes, dict]:
         """Every namespace registered on a node this controller speaks for: digest -> description."""
         if refresh or not self._namespaces:
-            listed = [ns for reply in _answers(self.on_nodes("list", context), tolerate=("not_found", "unavailable")).values() for ns in reply]
+            answered = _answers(self.on_nodes("list", context), tolerate=("not_found", "unavailable"))
+            listed = [ns for namespaces in answered.values() for ns in namespaces]
             self._geometries = {ns["digest"]: ns["geometry"] for ns in listed}
             self._namespaces = {ns["digest"]: ns["description"] for ns in listed}
         return self._namespaces
@@ -461,7 +468,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             self.describe(request.namespace, principal, context)
             args["ns"] = request.namespace
         # Nodes are listed one after another, in node order; the page token is "<node>:<position>".
-        nodes = sorted(self.on_nodes("hello", context, {"version": PROTOCOL_VERSION}))
+        nodes = self.nodes(context)
         if request.node:
             if request.node not in nodes:
                 raise NotFound(f"node {request.node} is not a node this controller serves ({', '.join(nodes)})")
@@ -479,18 +486,20 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             reply = _answers({n: replies[n]}, tolerate=("not_found",) if request.node else ("not_found", "unavailable"))
             if n not in reply:
                 continue
-            page = reply[n]["chunks"][:page_size - len(chunks)]
+            rows = reply[n]["chunks"]
+            page = rows[:page_size - len(chunks)]
             chunks += [pb.ChunkInfo(hash=key, namespace=ns, node=n,
                                     tiers=[TIER_TO_PB[t] for t, bit in DIR_BITS.items() if bits & bit])
                        for key, ns, bits in page if visible is None or ns in visible]
-            first = start if n == node else 0
-            if len(page) < len(reply[n]["chunks"]) or (len(chunks) >= page_size and reply[n]["next"]):
-                next_token = f"{n}:{first + len(page)}"
-                break
-            if len(chunks) >= page_size:  # this node is done and the page is full: the next node starts
+            node_done = len(page) == len(rows) and not reply[n]["next"]
+            if node_done and len(chunks) < page_size:
+                continue  # room left: the next node fills it
+            if not node_done:
+                next_token = f"{n}:{(start if n == node else 0) + len(page)}"
+            else:
                 later = nodes[nodes.index(n) + 1:]
                 next_token = f"{later[0]}:0" if later else ""
-                break
+            break
         return pb.ListChunksResponse(chunks=chunks, next_page_token=next_token)
 
     @_rpc
@@ -599,7 +608,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             return self._move_to_node(request.to_node, digest, blob, _LOCAL_TIERS[request.to_tier], context)
         timeout = self.timeout(context)  # the agent answers with what is on disk by then, not an error
         reply = self.agent.call("move", {"ns": digest, "keys": blob, "tier": _LOCAL_TIERS[request.to_tier],
-                                         "timeout": max(0.0, timeout - _MOVE_MARGIN_S)}, timeout)
+                                         "timeout": max(0.0, timeout - _DEADLINE_MARGIN_S)}, timeout)
         return pb.MoveResponse(moved_chunks=reply["moved"])
 
     def _move_to_node(self, target: str, digest: bytes, blob: bytes, tier: str, context) -> pb.MoveResponse:
@@ -611,10 +620,10 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         if not held.size:
             return pb.MoveResponse()
         held_blob = np.frombuffer(blob, dtype="V16")[held].tobytes()
-        left = max(0.0, self.timeout(context) - 2 * _MOVE_MARGIN_S)
+        left = max(0.0, self.timeout(context) - 2 * _DEADLINE_MARGIN_S)
         moved = _answers(self.on_nodes("move", context, calls={target: {"ns": digest, "keys": held_blob, "tier": tier,
                                                                         "timeout": left}}), tolerate=())
-        others = [node for node in self.on_nodes("hello", context, {"version": PROTOCOL_VERSION}) if node != target]
+        others = [node for node in self.nodes(context) if node != target]
         # a node that is down keeps its copies (no harm: the target's are the same bytes)
         _answers(self.on_nodes("evict", context, calls={node: {"ns": digest, "keys": held_blob} for node in others}),
                  tolerate=("not_found", "unavailable"))
