@@ -165,6 +165,7 @@ class AgentConnection:
         self.max_batch = hello["max_batch_chunks"]
         self.agent_pid = hello["pid"]
         self.cluster = bool(hello.get("cluster"))  # the agent is a cluster member: misses may be remote hits
+        self.node = hello.get("node", "")  # a cluster member's Ray node id
         self._alive_at = time.monotonic()
         if self.on_connect is not None:
             self.on_connect(self)

@@ -609,8 +609,7 @@ class NodeStore:
         its TTL (the sweeper) or `clear`. All or nothing: refused if a disk chunk finds no arena space,
         or if operator pins would hold more than agent.max_pinned_fraction of the arena."""
         agent = self.cfg.agent
-        if not 0 < ttl <= agent.max_pin_ttl_s:
-            raise InvalidArgument(f"pin ttl {ttl} s is outside (0, agent.max_pin_ttl_s = {agent.max_pin_ttl_s}]")
+        self._check_pin_ttl(ttl)
         info = self._namespace(digest)
         reply = self.acquire(PIN_CONN, digest, keys, prefix=False)
         no_space = sum(1 for reason in reply["reasons"].values() if reason == "no_space")
@@ -636,13 +635,16 @@ class NodeStore:
     def renew_pin(self, lid: int, digest: bytes, ttl: float) -> dict:
         """Extend a live pin lease of namespace `digest` to `ttl` seconds from now (an operator keeping
         a system prompt pinned renews before the TTL runs out). NotFound once it expired or ended."""
-        agent = self.cfg.agent
-        if not 0 < ttl <= agent.max_pin_ttl_s:
-            raise InvalidArgument(f"pin ttl {ttl} s is outside (0, agent.max_pin_ttl_s = {agent.max_pin_ttl_s}]")
+        self._check_pin_ttl(ttl)
         with self.lock:
             lease = self._pin_lease(lid, digest)
             lease.expiry = time.monotonic() + ttl
         return {"lease": lid, "pinned": len(lease.eids), "bytes": lease.nbytes, "ttl": ttl}
+
+    def _check_pin_ttl(self, ttl: float) -> None:
+        limit = self.cfg.agent.max_pin_ttl_s
+        if not 0 < ttl <= limit:
+            raise InvalidArgument(f"pin ttl {ttl} s is outside (0, agent.max_pin_ttl_s = {limit}]")
 
     def _pin_lease(self, lid: int, digest: bytes | None) -> _Lease:
         """The live pin lease `lid` (of namespace `digest` when given), else NotFound (caller holds the lock)."""

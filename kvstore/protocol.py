@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from .errors import ERRORS_BY_CODE, InvalidArgument, KVStoreError, ProtocolError
 
@@ -123,6 +124,11 @@ def raise_for_reply(reply: Any) -> Any:
     if isinstance(reply, list) and len(reply) == 3 and reply[0] == "err":
         raise ERRORS_BY_CODE.get(reply[1], KVStoreError)(reply[2])
     raise ProtocolError(f"malformed reply from agent: {reply!r:.200}")
+
+
+def pick_keys(blob: bytes, picked) -> bytes:
+    """The keys at indexes `picked` of a blob of 16-byte keys, as one blob (one numpy gather)."""
+    return np.frombuffer(blob, dtype="V16")[picked].tobytes()
 
 
 def split_keys(blob: Any) -> list[bytes]:

@@ -25,7 +25,7 @@ from ray.exceptions import GetTimeoutError, RayError
 from ..config import ClusterConfig, KVStoreConfig
 from ..errors import AgentUnavailable, InvalidArgument, KVStoreError, NotFound
 from ..node import PIN_CONN, TIER_DISK, TIER_NONE, TIER_REMOTE, AgentServer, NodeStore, _arg
-from ..protocol import error_reply, split_keys
+from ..protocol import error_reply, pick_keys, split_keys
 from .chunks import PULL_CONN, REPLICA_CONN, export_chunks, import_chunks
 from .link import LinkError, LinkServer, PeerLink, failure, receive_chunks
 from .directory import DirectoryShard, Holders, best_tier
@@ -36,7 +36,8 @@ log = logging.getLogger("kvstore.cluster")
 AGENT_PREFIX = "agent-"
 _PUBLISH_LINGER_S = 0.002  # gather holdings changes this long into one batch per owner
 # What the control plane may run on every member (on_members): operator ops, never the data path.
-MEMBER_OPS = frozenset({"hello", "stats", "list", "chunks", "evict", "clear", "pin", "unpin", "move", "pull", "register"})
+MEMBER_OPS = frozenset({"hello", "stats", "list", "chunks", "evict", "clear", "pin", "unpin", "move", "pull",
+                        "register"})
 
 
 def _by_owner(blob: bytes, members: list[str]):
@@ -48,11 +49,6 @@ def _by_owner(blob: bytes, members: list[str]):
         picked = np.flatnonzero(owner == m)
         if picked.size:
             yield node, picked
-
-
-def _pick_keys(blob: bytes, picked: np.ndarray) -> bytes:
-    """The keys at `picked` of a blob of 16-byte keys, as one blob (one numpy gather)."""
-    return np.frombuffer(blob, dtype="V16")[picked].tobytes()
 
 
 def agent_name(node_id: str) -> str:
@@ -257,7 +253,7 @@ class ClusterNode:
                 continue
             peer = self._peer(node)
             if peer is not None:
-                refs.append(peer.handle.apply_updates.remote(self.node, _pick_keys(blob, picked),
+                refs.append(peer.handle.apply_updates.remote(self.node, pick_keys(blob, picked),
                                                              node_bits.tobytes()))
         if refs:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.call_timeout_s)
@@ -290,12 +286,12 @@ class ClusterNode:
                 calls.append((picked, None))
             elif peer.link is not None:
                 try:
-                    links.append((picked, peer.link, peer.link.send("holders", {"keys": _pick_keys(blob, picked_array)},
+                    links.append((picked, peer.link, peer.link.send("holders", {"keys": pick_keys(blob, picked_array)},
                                                                     deadline)))
                 except LinkError:
                     unanswered += len(picked)
             else:
-                calls.append((picked, peer.handle.lookup_holders.remote(_pick_keys(blob, picked_array))))
+                calls.append((picked, peer.handle.lookup_holders.remote(pick_keys(blob, picked_array))))
         for picked, link, conn in links:
             try:
                 answers = link.reply(conn, deadline)
@@ -324,7 +320,7 @@ class ClusterNode:
             holders.pop(self.node, None)  # our own store is asked directly: it is always current
         return result, unanswered
 
-    def _local_tiers(self, digest: bytes, blob: bytes) -> np.ndarray:
+    def local_tiers(self, digest: bytes, blob: bytes) -> np.ndarray:
         try:
             return np.frombuffer(self.store.contains(digest, blob), dtype=np.uint8)
         except NotFound:
@@ -335,7 +331,7 @@ class ClusterNode:
         chunk as the local protocol reports it (local tier, or remote), and for every node holding a
         prefix: how many chunks from the first and in which tiers."""
         keys = split_keys(blob)
-        local = self._local_tiers(digest, blob)
+        local = self.local_tiers(digest, blob)
         deadline = time.monotonic() + self.cfg.call_timeout_s
         remote, _ = self.holders(keys, deadline)  # even when all is local: every holder is reported
         held = [bool(t) or bool(h) for t, h in zip(local.tolist(), remote)]
@@ -363,7 +359,7 @@ class ClusterNode:
         nobody holds. Returns (indexes pulled, {index: reason} for chunks that could not be)."""
         deadline = time.monotonic() + self.cfg.pull_timeout_s
         blob = b"".join(keys)
-        missing = np.flatnonzero(self._local_tiers(digest, blob) == TIER_NONE).tolist()
+        missing = np.flatnonzero(self.local_tiers(digest, blob) == TIER_NONE).tolist()
         if not missing or not self._peers:
             return set(), {}
         # Keys another request is pulling already: wait for it instead of pulling twice.
@@ -495,7 +491,7 @@ class ClusterNode:
     def prefetch(self, digest: bytes, keys: list[bytes]) -> int:
         """Start pulling the chunks among `keys` missing here, in the background; returns how many are
         missing locally (a later acquire waits for the pulls in progress)."""
-        missing = int((self._local_tiers(digest, b"".join(keys)) == TIER_NONE).sum())
+        missing = int((self.local_tiers(digest, b"".join(keys)) == TIER_NONE).sum())
         if missing and self._peers:
             threading.Thread(target=self.pull_missing, args=(digest, keys, True), daemon=True,
                              name="kvstore-prefetch").start()
@@ -616,7 +612,8 @@ class ClusterServer(AgentServer):
                                "on_members": self._on_members})
 
     def _cluster_hello(self, conn: int, args: dict) -> dict:
-        return {**self._hello(conn, args), "cluster": True, "node": self.cluster.node}
+        return {**self._hello(conn, args), "cluster": True, "node": self.cluster.node,
+                "members": self.cluster.members()}
 
     def _cluster_lookup(self, conn: int, args: dict) -> dict:
         if not _arg(args, "cluster", bool, False):
@@ -657,20 +654,18 @@ class ClusterServer(AgentServer):
         digest, blob = _arg(args, "ns", bytes), self._key_blob(args)
         self.store._namespace(digest)
         pulled, failed = self.cluster.pull_missing(digest, split_keys(blob), prefix=False)
-        return {"pulled": len(pulled), "failed": failed, "tiers": self.cluster._local_tiers(digest, blob).tobytes()}
+        return {"pulled": len(pulled), "failed": failed, "tiers": self.cluster.local_tiers(digest, blob).tobytes()}
 
     def _on_members(self, conn: int, args: dict) -> dict:
         op = _arg(args, "op", str)
         if op not in MEMBER_OPS:
             raise InvalidArgument(f"on_members runs only {sorted(MEMBER_OPS)}, not {op!r}")
-        nodes = args.get("nodes")
         calls = args.get("calls")
-        if calls is None:
-            if nodes is not None and not (isinstance(nodes, list) and all(isinstance(n, str) for n in nodes)):
-                raise InvalidArgument("nodes must be a list of node ids")
+        if calls is None:  # the same args for every member
             shared = _arg(args, "args", dict, {})
-            calls = {node: shared for node in (self.cluster.members() if nodes is None else nodes)}
-        elif not (isinstance(calls, dict) and all(isinstance(n, str) and isinstance(a, dict) for n, a in calls.items())):
+            calls = {node: shared for node in self.cluster.members()}
+        elif not (isinstance(calls, dict)
+                  and all(isinstance(n, str) and isinstance(a, dict) for n, a in calls.items())):
             raise InvalidArgument("calls must map node ids to args")
         timeout = float(_arg(args, "timeout", (int, float), self.cluster.cfg.call_timeout_s))
         return self.cluster.on_members(op, calls, self.run_op, timeout)
@@ -709,9 +704,6 @@ class ClusterAgent:
 
     def ping(self) -> tuple[str, list | None]:
         return self.cluster.ping_reply()
-
-    def stats(self) -> dict:
-        return self.server.stats()
 
     def run_op(self, op: str, args: dict) -> list:
         return self.server.run_op(op, args)

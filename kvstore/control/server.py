@@ -30,7 +30,7 @@ from ..keys import Namespace, chunk_keys
 from ..metrics import ControllerMetrics
 from ..node import DIR_BITS, TIER_CPU, TIER_DISK, TIER_GPU, TIER_NAMES, TIER_NONE, TIER_REMOTE
 from ..proto import kvstore_pb2 as pb
-from ..protocol import PROTOCOL_VERSION, error_reply
+from ..protocol import PROTOCOL_VERSION, error_reply, pick_keys
 from ..tiers.memory import pack_keys
 from ..proto import kvstore_pb2_grpc as pb_grpc
 from .auth import ANYONE, AuthFailed, Principal, TokenAuth
@@ -107,6 +107,11 @@ class AgentPool:
         """Whether the agent is a cluster member (its hello says so): lookups then ask the cluster."""
         with self._directory_lock:
             return self._directory(timeout).cluster
+
+    def node(self, timeout: float) -> str:
+        """The agent's cluster node id, as its hello said ("" off a cluster)."""
+        with self._directory_lock:
+            return self._directory(timeout).node
 
     def _directory(self, timeout: float) -> AgentConnection:
         """The connection whose mapping of the node directory lookups read (caller holds the lock)."""
@@ -275,15 +280,18 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
                 continue
             try:
                 replies[node] = ["ok", self.agent.call(op, node_args, timeout)]
-            except (InvalidArgument, NotFound, CapacityExhausted) as exc:  # the node's answer, not its absence
+            except AgentUnavailable:  # our own agent is gone: the call fails, as any call to it does
+                raise
+            except KVStoreError as exc:  # the node's answer
                 replies[node] = error_reply(exc)
         return replies
 
     def nodes(self, context) -> list[str]:
-        """The nodes this controller speaks for, sorted: every cluster member, or this node."""
+        """The nodes this controller speaks for, sorted: every cluster member (as the agent knows them
+        now), or this node."""
         if not self.agent.is_cluster(self.timeout(context)):
             return [self.node]
-        return sorted(self.on_nodes("hello", context, {"version": PROTOCOL_VERSION}))
+        return self.call("hello", {"version": PROTOCOL_VERSION}, context)["members"]
 
     def namespaces(self, context, refresh: bool = False) -> dict[bytes, dict]:
         """Every namespace registered on a node this controller speaks for: digest -> description."""
@@ -549,10 +557,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         """Pin with `lease`: that lease, on every node it holds chunks on, lasts `ttl_s` from now."""
         digest, leases = self._parse_lease(request.lease, context)
         self.describe(digest, principal, context)
-        renewed = _answers(self.on_nodes("pin", context, calls={node: {"ns": digest, "renew": lid, "ttl": request.ttl_s}
-                                                                for node, lid in leases.items()}))
-        if not renewed:
-            raise NotFound(f"pin lease {request.lease} is unknown, expired or released")
+        renewed = self._on_lease("pin", request.lease, digest, leases, context, key="renew", ttl=request.ttl_s)
         return pb.PinResponse(pinned_chunks=sum(reply["pinned"] for reply in renewed.values()),
                               lease=self._lease(digest, {node: leases[node] for node in renewed}, context))
 
@@ -560,10 +565,18 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
     def Unpin(self, request, context, principal):
         digest, leases = self._parse_lease(request.lease, context)
         self.describe(digest, principal, context)
-        if not _answers(self.on_nodes("unpin", context, calls={node: {"ns": digest, "lease": lid}
-                                                               for node, lid in leases.items()})):
-            raise NotFound(f"pin lease {request.lease} is unknown, expired or released")
+        self._on_lease("unpin", request.lease, digest, leases, context, key="lease")
         return pb.UnpinResponse()
+
+    def _on_lease(self, op: str, lease: str, digest: bytes, leases: dict[str, int], context, key: str,
+                  **args) -> dict[str, dict]:
+        """Agent op `op` on every node of a lease, with that node's lease id as arg `key`: the replies of
+        the nodes where it is still live (NotFound if none)."""
+        live = _answers(self.on_nodes(op, context, calls={node: {"ns": digest, key: lid, **args}
+                                                          for node, lid in leases.items()}))
+        if not live:
+            raise NotFound(f"pin lease {lease} is unknown, expired or released")
+        return live
 
     def _lease(self, digest: bytes, leases: dict[str, int], context) -> str:
         """The lease string of per-node agent leases: "<namespace hex>-<id>@<node>+..." in a cluster,
@@ -595,9 +608,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
 
     def own_node(self, context) -> str:
         """The node of the agent this controller fronts: its Ray node id in a cluster, else the host name."""
-        if not self.agent.is_cluster(self.timeout(context)):
-            return self.node
-        return self.agent.call("hello", {"version": PROTOCOL_VERSION}, self.timeout(context))["node"]
+        return self.agent.node(self.timeout(context)) or self.node
 
     @_rpc
     def Move(self, request, context, principal):
@@ -614,12 +625,14 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
     def _move_to_node(self, target: str, digest: bytes, blob: bytes, tier: str, context) -> pb.MoveResponse:
         """Move to another cluster member: it pulls every chunk of the prompt some node holds, moves them
         into `tier` there; then the other nodes drop the chunks the target holds (pinned ones stay)."""
-        self.register_on(target, digest, context)
+        # the namespace is known here (keys_of described it): register it on the target, a no-op if it is
+        register = {"ns": digest, "geometry": self._geometries[digest], "description": self._namespaces[digest]}
+        _answers(self.on_nodes("register", context, calls={target: register}), tolerate=())
         pulled = _answers(self.on_nodes("pull", context, calls={target: {"ns": digest, "keys": blob}}), tolerate=())
         held = np.flatnonzero(np.frombuffer(pulled[target]["tiers"], dtype=np.uint8) != TIER_NONE)
         if not held.size:
             return pb.MoveResponse()
-        held_blob = np.frombuffer(blob, dtype="V16")[held].tobytes()
+        held_blob = pick_keys(blob, held)
         left = max(0.0, self.timeout(context) - 2 * _DEADLINE_MARGIN_S)
         moved = _answers(self.on_nodes("move", context, calls={target: {"ns": digest, "keys": held_blob, "tier": tier,
                                                                         "timeout": left}}), tolerate=())
@@ -628,14 +641,6 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         _answers(self.on_nodes("evict", context, calls={node: {"ns": digest, "keys": held_blob} for node in others}),
                  tolerate=("not_found", "unavailable"))
         return pb.MoveResponse(moved_chunks=moved[target]["moved"])
-
-    def register_on(self, node: str, digest: bytes, context) -> None:
-        """Register a namespace on `node` with its geometry and description (a no-op where it is)."""
-        self.namespaces(context)
-        if digest not in self._geometries:
-            self.namespaces(context, refresh=True)
-        args = {"ns": digest, "geometry": self._geometries[digest], "description": self._namespaces[digest]}
-        _answers(self.on_nodes("register", context, calls={node: args}), tolerate=())
 
     @_rpc
     def Prefetch(self, request, context, principal):

@@ -353,7 +353,7 @@ def test_controller_lists_pins_evicts_and_moves_on_every_node(cluster, control_a
     assert {(n, k) for n, k in listed if k in keys} == {(n, k) for n, held in holdings.items() for k in held}
     c_id = cluster["c"].node_id
     only_c = control.ListChunks(pb.ListChunksRequest(namespace=SMALL_NS.digest, node=c_id, page_size=10000))
-    assert {c.node for c in only_c.chunks} <= {c_id}
+    assert {(c.node, c.hash) for c in only_c.chunks} == {(n, k) for n, k in listed if n == c_id}
     with pytest.raises(grpc.RpcError) as info:
         control.ListChunks(pb.ListChunksRequest(node="not-a-member"))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
