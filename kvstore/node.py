@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import socket
-import socketserver
 import struct
 import threading
 import time
@@ -32,7 +31,7 @@ from .config import KVStoreConfig, resolve_auto
 from .errors import (AgentUnavailable, CapacityExhausted, ChunkTooLarge, CorruptChunk, GeometryMismatch,
                      InvalidArgument, KVStoreError, NotFound, ProtocolError)
 from .layout import Geometry
-from .protocol import NO_REPLY, PROTOCOL_VERSION, ConnectionClosed, FrameReader, error_reply, pack, split_keys
+from .protocol import NO_REPLY, PROTOCOL_VERSION, ConnectionClosed, ConnectionServer, FrameReader, error_reply, pack, split_keys
 from .recorder import RequestRecorder
 from .tiers.cpu import CpuTier
 from .tiers.disk import DiskTier
@@ -988,21 +987,9 @@ class AgentServer:
         self.socket_path = socket_path
         Path(socket_path).parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_socket(socket_path)
-        agent = self
-
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self) -> None:
-                agent._serve_connection(self.request)
-
-        class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-            daemon_threads = True
-            allow_reuse_address = True
-
-        self._server = Server(socket_path, Handler)
+        self._server = ConnectionServer(socket_path, socket.AF_UNIX, self._serve_connection, "kvstore-agent")
         os.chmod(socket_path, 0o600)
         self._conn_ids = itertools.count(1)
-        self._live: dict[int, socket.socket] = {}
-        self._thread: threading.Thread | None = None
         self._handlers: dict[str, Callable[[int, dict], Any]] = {
             "hello": self._hello, "register": self._register, "lookup": self._lookup,
             "contains": self._contains, "reserve": self._reserve, "commit": self._commit,
@@ -1019,12 +1006,8 @@ class AgentServer:
         self._metrics = None
         self.metrics_port = 0  # the agent's Prometheus endpoint (agent.metrics_address), once started
 
-    def serve_forever(self) -> None:
-        self._server.serve_forever(poll_interval=0.2)
-
     def start(self) -> "AgentServer":
-        self._thread = threading.Thread(target=self.serve_forever, name="kvstore-agent", daemon=True)
-        self._thread.start()
+        self._server.start()
         self._serve_metrics()
         return self
 
@@ -1047,20 +1030,14 @@ class AgentServer:
     def stats(self) -> dict:
         """The store's statistics, plus this server's requests (by op, latency, tokens, in flight)."""
         return {**self.store.stats(), "metrics_port": self.metrics_port,
-                "requests": {**self.recorder.snapshot(), "connections": len(self._live)}}
+                "requests": {**self.recorder.snapshot(), "connections": self._server.connections}}
 
     def shutdown(self) -> None:
         """Stop accepting, and end every open connection (clients see the agent go, not a stale store)."""
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
-        self._server.shutdown()
-        self._server.server_close()
-        for sock in list(self._live.values()):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self._server.stop()
         try:
             os.unlink(self.socket_path)
         except FileNotFoundError:
@@ -1068,7 +1045,6 @@ class AgentServer:
 
     def _serve_connection(self, sock: socket.socket) -> None:
         conn = next(self._conn_ids)
-        self._live[conn] = sock
         frames = FrameReader(sock, self.store.cfg.agent.max_frame_bytes, self.store.cfg.agent.busy_poll_us / 1e6)
         try:
             while True:
@@ -1085,7 +1061,6 @@ class AgentServer:
         except (ConnectionClosed, ConnectionError, OSError):
             pass
         finally:
-            self._live.pop(conn, None)
             self.store.disconnect(conn)
 
     def _dispatch(self, conn: int, request: Any) -> tuple[str | None, list]:

@@ -3,14 +3,18 @@
 A frame is a little-endian u32 body length followed by a msgpack body. Requests are ``[op, args]``;
 replies are ``["ok", result]`` or ``["err", code, message]``. Ops in NO_REPLY get no reply (releases
 are fire-and-forget so a get costs one round trip). Keys travel as one binary blob of 16-byte keys.
+ConnectionServer is the threaded socket server that serves such frames: the agent's Unix socket and
+the cluster's peer links.
 """
 
 from __future__ import annotations
 
 import socket
+import socketserver
 import struct
+import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 import numpy as np
@@ -136,3 +140,54 @@ def split_keys(blob: Any) -> list[bytes]:
     if not isinstance(blob, bytes) or len(blob) % 16:
         raise InvalidArgument("keys must be a binary blob whose length is a multiple of 16")
     return [blob[i:i + 16] for i in range(0, len(blob), 16)]
+
+
+class ConnectionServer:
+    """A stream socket server (Unix or TCP) with one daemon thread per connection, each running
+    `serve(sock)` until it returns. `stop()` stops accepting and shuts every open connection down, so
+    handlers blocked reading their next frame wake and end: peers see the server go, not silence."""
+
+    def __init__(self, address: str | tuple[str, int], family: socket.AddressFamily,
+                 serve: Callable[[socket.socket], None], name: str):
+        outer = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                with outer._lock:
+                    outer._open.add(self.request)
+                try:
+                    serve(self.request)
+                finally:
+                    with outer._lock:
+                        outer._open.discard(self.request)
+
+        class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):  # TCPServer serves AF_UNIX too
+            daemon_threads = True
+            allow_reuse_address = True
+            address_family = family
+
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._server = Server(address, Handler)
+        self.address = self._server.server_address
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name=name, daemon=True)
+
+    @property
+    def connections(self) -> int:
+        return len(self._open)
+
+    def start(self) -> "ConnectionServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._server.shutdown()
+        self._server.server_close()
+        with self._lock:
+            for sock in self._open:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass

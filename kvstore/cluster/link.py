@@ -24,8 +24,6 @@ import hmac
 import logging
 import queue
 import socket
-import socketserver
-import threading
 import time
 from typing import Any, Sequence
 
@@ -34,7 +32,7 @@ import numpy as np
 from ..codec import HEADER_BYTES
 from ..errors import CorruptChunk, GeometryMismatch, InvalidArgument, KVStoreError, NotFound, ProtocolError
 from ..node import RESERVE_NO_SPACE, NodeStore, _arg, _geometry_wire, geometry_from_wire
-from ..protocol import PROTOCOL_VERSION, ConnectionClosed, FrameReader, error_reply, pack, raise_for_reply, split_keys
+from ..protocol import PROTOCOL_VERSION, ConnectionClosed, ConnectionServer, FrameReader, error_reply, pack, raise_for_reply, split_keys
 from .chunks import IMPORTED, carried_description, pinned_chunks, verified_header, wire_header
 
 log = logging.getLogger("kvstore.cluster")
@@ -60,43 +58,21 @@ class LinkServer:
         self.cluster = cluster
         self.secret = secret
         self.timeout_s = timeout_s
-        outer = self
-
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self) -> None:
-                outer._serve(self.request)
-
-        class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
-        self._server = Server((host, 0), Handler)
-        self._open: set[socket.socket] = set()
-        self._open_lock = threading.Lock()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._server = ConnectionServer((host, 0), family, self._serve, "kvstore-link")
         self.host = host
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="kvstore-link", daemon=True)
+        self.port = self._server.address[1]
 
     def start(self) -> "LinkServer":
-        self._thread.start()
+        self._server.start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        with self._open_lock:
-            for sock in self._open:  # wake the handlers waiting for a next request
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        self._server.stop()  # also wakes the handlers waiting for a next request
 
     def _serve(self, sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         frames = FrameReader(sock, MAX_FRAME)
-        with self._open_lock:
-            self._open.add(sock)
         try:
             sock.settimeout(self.timeout_s)
             op, args = frames.read()
@@ -115,9 +91,6 @@ class LinkServer:
                     sock.sendall(pack(error_reply(exc)))
         except (ConnectionClosed, OSError, ValueError, TypeError, KVStoreError):
             return  # the peer went away or sent garbage: drop the connection
-        finally:
-            with self._open_lock:
-                self._open.discard(sock)
 
     def _answer(self, sock: socket.socket, op: Any, args: Any) -> None:
         if not isinstance(args, dict):
