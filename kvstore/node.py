@@ -13,6 +13,7 @@ import ctypes
 import itertools
 import logging
 import os
+import secrets
 import signal
 import socket
 import struct
@@ -120,7 +121,10 @@ class NodeStore:
         self._ns_by_id: list[_NamespaceInfo | None] = [None]  # id 0 = unknown (e.g. recovered, not registered)
         self._reservations: dict[int, _Reservation] = {}
         self._leases: dict[int, _Lease] = {}
-        self._ids = itertools.count(1)
+        # Lease and reservation ids start at a random point, so that an agent restarted on the same socket
+        # never hands out an id a client or an operator still holds from before (a pin lease token would
+        # otherwise name someone else's new pin).
+        self._ids = itertools.count(secrets.randbits(40) + 1)
         self._inflight: set[bytes] = set()  # keys reserved but not committed
         self._queue: deque[tuple[int, bytes]] = deque()  # write-behind (eid, key), entries pinned
         self._queue_bytes = 0

@@ -248,7 +248,8 @@ def _print(*things) -> None:
 
     console = Console()
     for thing in things:
-        console.print(thing)
+        # a line of text is never wrapped: it may end in a lease or a hash a person copies whole
+        console.print(thing, soft_wrap=isinstance(thing, str))
 
 
 def cmd_status(client, args) -> int:

@@ -151,6 +151,29 @@ def test_pin_bounds_ttl_and_pinned_bytes(start_agent, start_control):
     assert client.Pin(pb.PinRequest(query=hashes(1), ttl_s=100)).pinned_chunks == 1
 
 
+def test_a_lease_from_before_an_agent_restart_never_names_a_new_pin(start_agent, start_control, tmp_path):
+    """Pins end with the agent. The restarted agent, asked the same things in the same order, must not
+    hand out the old lease's id again: the old token is NOT_FOUND, and the new pin stays."""
+    leases = []
+    for run in ("first", "second"):
+        agent = start_agent(**{"disk.path": str(tmp_path / f"disk-{run}")})
+        control = Control(agent, start_control(agent.socket_path))
+        t, _ = put(agent, NS_A, 2)
+        client = control.client()
+        reply = client.Pin(pb.PinRequest(query=query(t), ttl_s=3600))
+        assert reply.pinned_chunks == 2
+        leases.append(reply.lease)
+        if run == "first":
+            agent.stop()
+    old, new = leases
+    assert old != new
+    assert code_of(client.Unpin, pb.UnpinRequest(lease=old)) == Code.NOT_FOUND
+    assert code_of(client.Pin, pb.PinRequest(lease=old, ttl_s=60)) == Code.NOT_FOUND
+    assert len(pinned_hashes(client)) == 2  # the new pin was not touched
+    client.Unpin(pb.UnpinRequest(lease=new))
+    assert pinned_hashes(client) == set()
+
+
 def test_unpin_needs_a_live_lease_of_a_visible_namespace(control):
     t, _ = put(control.agent, NS_A, 2)
     client = control.client()
