@@ -284,13 +284,14 @@ def cmd_lookup(client, args) -> int:
 
     def render(message) -> None:
         share = message.matched_chunks / message.query_chunks if message.query_chunks else 0.0
-        table = _table(f"matched {message.matched_tokens} tokens = {message.matched_chunks} of "
-                       f"{message.query_chunks} chunks ({share:.0%}), {message.chunk_tokens} tokens per chunk",
-                       ["node", "prefix chunks", "prefix tokens", "by tier"])
+        # the summary is a line of its own: as a table title it would wrap to the table's width
+        summary = (f"matched {message.matched_tokens} tokens = {message.matched_chunks} of "
+                   f"{message.query_chunks} chunks ({share:.0%}), {message.chunk_tokens} tokens per chunk")
+        table = _table("", ["node", "prefix chunks", "prefix tokens", "by tier"])
         for node in message.nodes:
             table.add_row(node.node, str(node.matched_chunks), str(node.matched_tokens),
                           ", ".join(f"{_TIER_NAMES.get(t.tier, '?')} {t.chunks}" for t in node.per_tier))
-        _print(table)
+        _print(summary, table)
 
     return _emit(args, reply, render)
 
