@@ -151,9 +151,16 @@ def run(args) -> dict:
             with LocalClient(namespace, geometry, socket_path=socket_path) as client:
                 log(f"disk tier: {n_disk} chunks through write-behind, {trials} trials")
                 for trial in range(trials):
-                    raw_w, raw_r = _raw_file_io(str(Path(workdir) / "raw.bin"), data, batch_bytes)
                     keys = client.keys(np.arange(n_disk * geometry.tokens) + trial * n_disk * geometry.tokens)
-                    write_s, read_s = _disk_trial(client, keys, data, batch, disk_dir)
+                    raw_path = str(Path(workdir) / "raw.bin")
+                    # Which side goes first alternates: the device's throughput drifts within seconds,
+                    # and neither side should always meet it as the other left it.
+                    if trial % 2:
+                        write_s, read_s = _disk_trial(client, keys, data, batch, disk_dir)
+                        raw_w, raw_r = _raw_file_io(raw_path, data, batch_bytes)
+                    else:
+                        raw_w, raw_r = _raw_file_io(raw_path, data, batch_bytes)
+                        write_s, read_s = _disk_trial(client, keys, data, batch, disk_dir)
                     disk.append((raw_w, raw_r, write_s, read_s))
         total = n_disk * chunk_bytes
         result["disk_write_gbps"] = _gbps(total, _median([w for _, _, w, _ in disk]))
