@@ -32,7 +32,8 @@ from .config import KVStoreConfig, resolve_auto
 from .errors import (AgentUnavailable, CapacityExhausted, ChunkTooLarge, CorruptChunk, GeometryMismatch,
                      InvalidArgument, KVStoreError, NotFound, ProtocolError)
 from .layout import Geometry
-from .protocol import NO_REPLY, PROTOCOL_VERSION, ConnectionClosed, ConnectionServer, FrameReader, error_reply, pack, split_keys
+from .protocol import (NO_REPLY, PROTOCOL_VERSION, ConnectionClosed, ConnectionServer, FrameReader, error_reply,
+                       pack, split_keys)
 from .recorder import RequestRecorder
 from .tiers.cpu import CpuTier
 from .tiers.disk import DiskTier

@@ -154,6 +154,8 @@ class ConnectionServer:
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
                 with outer._lock:
+                    if outer._stopped:  # accepted just before stop(): end it, as stop() ended the others
+                        return
                     outer._open.add(self.request)
                 try:
                     serve(self.request)
@@ -167,6 +169,7 @@ class ConnectionServer:
             address_family = family
 
         self._open: set[socket.socket] = set()
+        self._stopped = False
         self._lock = threading.Lock()
         self._server = Server(address, Handler)
         self.address = self._server.server_address
@@ -186,6 +189,7 @@ class ConnectionServer:
             self._server.shutdown()
         self._server.server_close()
         with self._lock:
+            self._stopped = True
             for sock in self._open:
                 try:
                     sock.shutdown(socket.SHUT_RDWR)

@@ -32,7 +32,8 @@ import numpy as np
 from ..codec import HEADER_BYTES
 from ..errors import CorruptChunk, GeometryMismatch, InvalidArgument, KVStoreError, NotFound, ProtocolError
 from ..node import RESERVE_NO_SPACE, NodeStore, _arg, _geometry_wire, geometry_from_wire
-from ..protocol import PROTOCOL_VERSION, ConnectionClosed, ConnectionServer, FrameReader, error_reply, pack, raise_for_reply, split_keys
+from ..protocol import (PROTOCOL_VERSION, ConnectionClosed, ConnectionServer, FrameReader, error_reply, pack,
+                        raise_for_reply, split_keys)
 from .chunks import IMPORTED, carried_description, pinned_chunks, verified_header, wire_header
 
 log = logging.getLogger("kvstore.cluster")
