@@ -55,6 +55,7 @@ class DiskConfig:
     queue_bytes: int = 256 << 20  # bound on bytes waiting for write-behind
     admission: str = "always"  # always | second_use
     o_direct: bool = False
+    readahead_bytes: int = 64 << 20  # promotions also prefetch this much of a segment past what they read
     fsync: bool = True
     compact_garbage_ratio: float = 0.5  # rewrite a segment when this share of it is dead
 
@@ -351,6 +352,7 @@ def validate(cfg: KVStoreConfig) -> KVStoreConfig:
     _check(bool(cpu.shm_dir), "cpu.shm_dir", "must not be empty")
     _check(bool(disk.path), "disk.path", "must not be empty")
     _check(disk.batch_bytes >= 4 * KiB, "disk.batch_bytes", f"{disk.batch_bytes} is below 4 KiB")
+    _check(disk.readahead_bytes >= 0, "disk.readahead_bytes", f"{disk.readahead_bytes} is negative")
     _check(disk.segment_bytes >= disk.batch_bytes, "disk.segment_bytes",
            f"{disk.segment_bytes} must be at least disk.batch_bytes ({disk.batch_bytes})")
     _check(disk.queue_bytes >= disk.batch_bytes, "disk.queue_bytes",

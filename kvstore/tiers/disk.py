@@ -233,13 +233,30 @@ class DiskTier:
 
     def prefetch(self, keys: Sequence[bytes]) -> None:
         """Ask the kernel to start reading these records now (POSIX_FADV_WILLNEED), so that a batch's
-        device reads overlap with the verification of the chunks read before them."""
+        device reads overlap with the verification of the chunks read before them. Where the records
+        lie back to back in a segment (write-behind appends a prompt's chunks in order), also read
+        ahead as many bytes again past them, at most `disk.readahead_bytes`: a prefix read in batches
+        then finds its next batch on the way while the client copies this one. A lone record read
+        ahead of nothing."""
+        if self._direct:  # O_DIRECT bypasses the page cache
+            return
+        spans: dict[int, list[tuple[int, int]]] = {}
         with self._lock:
             for key in keys:
                 entry = self._index.get(key)
-                if entry is not None and not self._direct:  # O_DIRECT bypasses the page cache
-                    os.posix_fadvise(self._segments[entry.segment].fd, entry.offset, _padded(entry.nbytes),
-                                     os.POSIX_FADV_WILLNEED)
+                if entry is not None:
+                    fd = self._segments[entry.segment].fd
+                    os.posix_fadvise(fd, entry.offset, _padded(entry.nbytes), os.POSIX_FADV_WILLNEED)
+                    spans.setdefault(entry.segment, []).append((entry.offset, entry.offset + _padded(entry.nbytes)))
+            for segment_id, records in spans.items():
+                records.sort()
+                back_to_back = all(records[i][0] == records[i - 1][1] for i in range(1, len(records)))
+                if len(records) < 2 or not back_to_back or not self._cfg.readahead_bytes:
+                    continue
+                segment, end = self._segments[segment_id], records[-1][1]
+                ahead = min(self._cfg.readahead_bytes, end - records[0][0], segment.size - end)
+                if ahead > 0:
+                    os.posix_fadvise(segment.fd, end, ahead, os.POSIX_FADV_WILLNEED)
 
     def drop_page_cache(self) -> None:
         """Evict the segments from the OS page cache, so the next reads really hit the device."""

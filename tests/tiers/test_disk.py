@@ -461,3 +461,40 @@ def test_header_fields_survive_verbatim(tmp_path, open_tier):
     got, data = read(tier, key_of(7))
     assert got == header.with_checksum(payload)
     assert data == bytes(payload)
+
+
+def test_prefetch_reads_ahead_only_past_records_that_lie_back_to_back(tmp_path, open_tier, monkeypatch):
+    tier = open_tier(config(tmp_path, segment_bytes=1 << 20, readahead_bytes=5 * padded(HEADER_BYTES + SMALL)))
+    keys = [key_of(i) for i in range(20)]
+    tier.append([chunk(key, SMALL) for key in keys])  # one batch: the records lie in order, back to back
+    (segment,) = segment_files(tmp_path)
+    ends = {header.key: offset + padded(header.total_len) for offset, header in records_in(segment)}
+    record = padded(HEADER_BYTES + SMALL)
+    advised: list[tuple[int, int]] = []
+    real_fadvise = os.posix_fadvise
+
+    def recording(fd, offset, length, advice):  # the real call still runs: this only notes what was asked
+        if advice == os.POSIX_FADV_WILLNEED:
+            advised.append((offset, length))
+        return real_fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", recording)
+
+    def ahead_of(batch: list[bytes]) -> list[tuple[int, int]]:
+        """The WILLNEED ranges beyond the batch's own records."""
+        advised.clear()
+        tier.prefetch(batch)
+        own = {(ends[key] - record, record) for key in batch}
+        return [span for span in advised if span not in own]
+
+    assert ahead_of(keys[0:3]) == [(ends[keys[2]], 3 * record)]  # as many bytes again as the batch read
+    assert ahead_of(keys[2:10]) == [(ends[keys[9]], 5 * record)]  # capped by disk.readahead_bytes (5 records)
+    assert ahead_of(keys[12:18]) == [(ends[keys[17]], 2 * record)]  # clipped at the end of the segment
+    assert ahead_of([keys[4]]) == []  # a lone record: nothing to go by
+    assert ahead_of([keys[0], keys[4]]) == []  # not back to back: a random read
+    assert ahead_of(keys[18:20]) == []  # nothing past the segment's end
+    quiet = open_tier(config(tmp_path / "quiet", readahead_bytes=0))
+    quiet.append([chunk(key, SMALL) for key in keys[:3]])
+    advised.clear()
+    quiet.prefetch(keys[:3])
+    assert len(advised) == 3  # each record's own range, and no more
