@@ -472,7 +472,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         page_size = request.page_size or 1000
         if page_size > MAX_PAGE:
             raise InvalidArgument(f"page_size {page_size} exceeds {MAX_PAGE}")
-        args: dict = {"tier": PB_TO_TIER[request.tier], "limit": page_size, "pinned": request.pinned_only}
+        args: dict = {"tier": PB_TO_TIER[request.tier], "pinned": request.pinned_only}
         if request.namespace:
             self.describe(request.namespace, principal, context)
             args["ns"] = request.namespace
@@ -484,32 +484,28 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             nodes = [request.node]
         node, start = _parse_page_token(request.page_token, nodes)
         nodes = nodes[nodes.index(node):] if node else nodes
-        replies = self.on_nodes("chunks", context, calls={n: {**args, "start": start if n == node else 0}
-                                                          for n in nodes})
         visible = self.visible(principal, context) if principal.tenants is not None else None
+        # a node that does not know the namespace holds none of it; one that is down is left out of a
+        # listing of every node, and is an error when asked for by name
+        tolerate = ("not_found",) if request.node else ("not_found", "unavailable")
         chunks: list[pb.ChunkInfo] = []
-        next_token = ""
-        for n in nodes:
-            # a node that does not know the namespace holds none of it; one that is down is left out
-            # of a listing of every node, and is an error when asked for by name
-            reply = _answers({n: replies[n]}, tolerate=("not_found",) if request.node else ("not_found", "unavailable"))
-            if n not in reply:
+        for i, n in enumerate(nodes):
+            # One node at a time, for the room left: a node's listing scans what it holds, so a node
+            # whose rows could not fit on this page is not asked.
+            first = start if n == node else 0
+            call = {**args, "start": first, "limit": page_size - len(chunks)}
+            reply = _answers(self.on_nodes("chunks", context, calls={n: call}), tolerate).get(n)
+            if reply is None:
                 continue
-            rows = reply[n]["chunks"]
-            page = rows[:page_size - len(chunks)]
             chunks += [pb.ChunkInfo(hash=key, namespace=ns, node=n,
                                     tiers=[TIER_TO_PB[t] for t, bit in DIR_BITS.items() if bits & bit])
-                       for key, ns, bits in page if visible is None or ns in visible]
-            node_done = len(page) == len(rows) and not reply[n]["next"]
-            if node_done and len(chunks) < page_size:
-                continue  # room left: the next node fills it
-            if not node_done:
-                next_token = f"{n}:{(start if n == node else 0) + len(page)}"
-            else:
-                later = nodes[nodes.index(n) + 1:]
-                next_token = f"{later[0]}:0" if later else ""
-            break
-        return pb.ListChunksResponse(chunks=chunks, next_page_token=next_token)
+                       for key, ns, bits in reply["chunks"] if visible is None or ns in visible]
+            if reply["next"]:  # rows left on this node: the next page goes on from there
+                return pb.ListChunksResponse(chunks=chunks, next_page_token=f"{n}:{reply['next']}")
+            if len(chunks) == page_size:  # full, this node done: the next page starts at the next node
+                later = nodes[i + 1:]
+                return pb.ListChunksResponse(chunks=chunks, next_page_token=f"{later[0]}:0" if later else "")
+        return pb.ListChunksResponse(chunks=chunks)
 
     @_rpc
     def Evict(self, request, context, principal):
