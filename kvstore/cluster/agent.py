@@ -353,15 +353,15 @@ class ClusterNode:
         return {"matched": matched, "tiers": codes.tobytes(), "nodes": nodes, "self": self.node}
 
     # ---- remote pulls ----------------------------------------------------------------------------
-    def pull_missing(self, digest: bytes, keys: list[bytes], prefix: bool) -> tuple[set[int], dict[int, str]]:
-        """Bring the chunks among `keys` that this node lacks and peers hold into the local arena,
-        batched per holder, within cluster.pull_timeout_s. With `prefix`, only up to the first chunk
-        nobody holds. Returns (indexes pulled, {index: reason} for chunks that could not be)."""
+    def pull_missing(self, digest: bytes, blob: bytes, prefix: bool) -> tuple[set[int], dict[int, str]]:
+        """Bring the chunks among `blob`'s keys that this node lacks and peers hold into the local
+        arena, batched per holder, within cluster.pull_timeout_s. With `prefix`, only up to the first
+        chunk nobody holds. Returns (indexes pulled, {index: reason} for chunks that could not be)."""
         deadline = time.monotonic() + self.cfg.pull_timeout_s
-        blob = b"".join(keys)
         missing = np.flatnonzero(self.local_tiers(digest, blob) == TIER_NONE).tolist()
         if not missing or not self._peers:
             return set(), {}
+        keys = split_keys(blob)
         # Keys another request is pulling already: wait for it instead of pulling twice.
         mine: list[int] = []
         waits: list[threading.Event] = []
@@ -488,12 +488,12 @@ class ClusterNode:
             eids = self.store.cpu.find(keys)
             return int(self.store.cpu.slots(eids[eids >= 0])[1].sum())
 
-    def prefetch(self, digest: bytes, keys: list[bytes]) -> int:
-        """Start pulling the chunks among `keys` missing here, in the background; returns how many are
-        missing locally (a later acquire waits for the pulls in progress)."""
-        missing = int((self.local_tiers(digest, b"".join(keys)) == TIER_NONE).sum())
+    def prefetch(self, digest: bytes, blob: bytes) -> int:
+        """Start pulling the chunks among `blob`'s keys missing here, in the background; returns how
+        many are missing locally (a later acquire waits for the pulls in progress)."""
+        missing = int((self.local_tiers(digest, blob) == TIER_NONE).sum())
         if missing and self._peers:
-            threading.Thread(target=self.pull_missing, args=(digest, keys, True), daemon=True,
+            threading.Thread(target=self.pull_missing, args=(digest, blob, True), daemon=True,
                              name="kvstore-prefetch").start()
         return missing
 
@@ -621,11 +621,11 @@ class ClusterServer(AgentServer):
         return self.cluster.lookup(_arg(args, "ns", bytes), self._key_blob(args))
 
     def _cluster_acquire(self, conn: int, args: dict) -> dict:
-        digest, keys = _arg(args, "ns", bytes), self._keys(args)
+        digest, blob = _arg(args, "ns", bytes), self._key_blob(args)
         prefix = bool(_arg(args, "prefix", bool, True))
         self.store._namespace(digest)  # an unregistered namespace is the caller's error, before any pull
-        pulled, failed = self.cluster.pull_missing(digest, keys, prefix)
-        reply = self.store.acquire(conn, digest, keys, prefix)
+        pulled, failed = self.cluster.pull_missing(digest, blob, prefix)
+        reply = self.store.acquire(conn, digest, split_keys(blob), prefix)
         reply["remote"] = sorted(i for i in pulled if reply["offsets"][i] >= 0)
         for i, reason in failed.items():  # say why a chunk a peer was meant to hold is a miss
             if reply["reasons"].get(i) == "not_found":
@@ -643,7 +643,7 @@ class ClusterServer(AgentServer):
     def _prefetch(self, conn: int, args: dict) -> dict:
         digest = _arg(args, "ns", bytes)
         self.store._namespace(digest)
-        return {"missing": self.cluster.prefetch(digest, self._keys(args))}
+        return {"missing": self.cluster.prefetch(digest, self._key_blob(args))}
 
     def stats(self) -> dict:
         return {**super().stats(), "cluster": self.cluster.stats()}
@@ -653,7 +653,7 @@ class ClusterServer(AgentServer):
         the target side of the control plane's Move to another node."""
         digest, blob = _arg(args, "ns", bytes), self._key_blob(args)
         self.store._namespace(digest)
-        pulled, failed = self.cluster.pull_missing(digest, split_keys(blob), prefix=False)
+        pulled, failed = self.cluster.pull_missing(digest, blob, prefix=False)
         return {"pulled": len(pulled), "failed": failed, "tiers": self.cluster.local_tiers(digest, blob).tobytes()}
 
     def _on_members(self, conn: int, args: dict) -> dict:
