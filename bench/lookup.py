@@ -4,8 +4,9 @@ Each index size has its own agent process (disk tier off), and the sizes are mea
 Chunks are really stored (reserve, write, commit) with a tiny geometry so that a million of them fit
 in a small arena; the index does not care how big a chunk is. One lookup = `LocalClient.lookup` of
 the 128 keys of a stored prompt: the matched prefix and the tier of each chunk, answered from the
-agent's shared directory (mapped by the client, no round trip). `rpc_p50_us_*` measure the same lookup asked of the agent over its socket. Keys are
-computed before the timed loop (an engine hashes while it schedules); `hash_us_128` is that cost.
+agent's shared directory (mapped by the client, no round trip). `rpc_p50_us_*` measure the same
+lookup asked of the agent over its socket. Keys are computed before the timed loop (an engine hashes
+while it schedules); `hash_us_128` is that cost.
 
 index_bytes_per_chunk = (growth of the agent's anonymous resident memory, RssAnon, from before the
 chunks were inserted to steady state 3 s after the last request, when the agent has returned freed

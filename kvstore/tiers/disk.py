@@ -236,8 +236,8 @@ class DiskTier:
         device reads overlap with the verification of the chunks read before them. Where the records
         lie back to back in a segment (write-behind appends a prompt's chunks in order), also read
         ahead as many bytes again past them, at most `disk.readahead_bytes`: a prefix read in batches
-        then finds its next batch on the way while the client copies this one. A lone record read
-        ahead of nothing."""
+        then finds its next batch on the way while the client copies this one. A lone record, or
+        scattered ones, read nothing ahead."""
         if self._direct:  # O_DIRECT bypasses the page cache
             return
         spans: dict[int, list[tuple[int, int]]] = {}
