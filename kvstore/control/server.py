@@ -43,6 +43,8 @@ TIER_TO_PB = {TIER_NONE: pb.TIER_UNSPECIFIED, TIER_GPU: pb.TIER_GPU, TIER_CPU: p
               TIER_DISK: pb.TIER_DISK, TIER_REMOTE: pb.TIER_REMOTE}
 PB_TO_TIER = {v: k for k, v in TIER_TO_PB.items()}
 _PB_TIER_OF_CODE = bytes(TIER_TO_PB.get(code, pb.TIER_UNSPECIFIED) for code in range(256))  # for bytes.translate
+# the proto tiers of every combination of node-directory tier bits (ListChunks: a lookup per row)
+_PB_TIERS_OF_BITS = [[TIER_TO_PB[t] for t, bit in DIR_BITS.items() if bits & bit] for bits in range(256)]
 _LOCAL_TIERS = {pb.TIER_CPU: "cpu", pb.TIER_DISK: "disk"}  # what Evict and Move name on the agent
 MAX_PAGE = 10_000
 _WATCH_POLL_S = 0.05  # how often a watcher asks the agent for new events when there were none
@@ -497,8 +499,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             reply = _answers(self.on_nodes("chunks", context, calls={n: call}), tolerate).get(n)
             if reply is None:
                 continue
-            chunks += [pb.ChunkInfo(hash=key, namespace=ns, node=n,
-                                    tiers=[TIER_TO_PB[t] for t, bit in DIR_BITS.items() if bits & bit])
+            chunks += [pb.ChunkInfo(hash=key, namespace=ns, node=n, tiers=_PB_TIERS_OF_BITS[bits])
                        for key, ns, bits in reply["chunks"] if visible is None or ns in visible]
             if reply["next"]:  # rows left on this node: the next page goes on from there
                 return pb.ListChunksResponse(chunks=chunks, next_page_token=f"{n}:{reply['next']}")
