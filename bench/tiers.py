@@ -5,7 +5,8 @@ All figures come from one run on the same chunk bytes. This machine's throughput
 with its baseline trial so both see the same conditions:
 - memcpy_gbps: numpy copy of the same chunks (the same working set, chunk by chunk) into a second buffer;
 - cpu_put_gbps / cpu_get_gbps: a client process (this one) putting / getting chunks through an agent
-  process: reserve + copy into the arena + commit, and acquire + copy out + release, round trips included;
+  process: reserve + copy into the arena + commit, round trips included; and a copy out of the arena,
+  read in place (serial-checked) and reported by a one-way touch;
 - disk_write_gbps: put + write-behind until flush() returns (the data is fsynced on disk);
 - disk_read_gbps: chunks evicted from the arena and dropped from the page cache, then acquired through
   the agent: read from disk into arena slots the client maps, checksum-verified, pinned, readable in

@@ -14,6 +14,7 @@ through the shared-memory arena that the client maps: a put is one copy of each 
 
 from __future__ import annotations
 
+import platform
 import socket
 import threading
 import time
@@ -27,7 +28,7 @@ import torch
 
 from . import codec
 from .bytecopy import as_numpy, byte_rows
-from .codec import HEADER_BYTES, ChunkHeader
+from .codec import HEADER_BYTES, SERIAL_AT, ChunkHeader
 from .config import KVStoreConfig, load_config
 from .errors import AgentUnavailable, CorruptChunk, InvalidArgument, LeaseExpired
 from .keys import ChunkKey, Namespace, chunk_keys
@@ -38,8 +39,14 @@ from .protocol import NO_REPLY, PROTOCOL_VERSION, ConnectionClosed, FrameReader,
 from .tiers.cpu import map_arena
 from .tiers.index import SharedIndexReader
 from .tiers.memory import pack_keys
+from .tiers.slab import SMALL_ALIGN
 
-_KEY_AT, _CODEC_AT = 64, 6  # byte offsets of the key and the codec id in a chunk header (docs/chunk-format.md)
+# byte offsets in a chunk header (docs/chunk-format.md): codec id, payload length, namespace digest, key
+_CODEC_AT, _LEN_AT, _NAMES_AT, _KEY_AT = 6, 32, 48, 64
+_RAW = codec.CODEC_IDS["raw"]
+# Loads seen in program order (x86-64 keeps them so), which reading a slot without a pin relies on
+# (LocalClient._copy_published); other machines pin every chunk they read.
+_IN_ORDER_LOADS = platform.machine().lower() in ("x86_64", "amd64")
 _LEASE_MARGIN_S = 1.0  # stop touching a slot this long before the agent may reclaim it
 _MAX_CREDIT = 64  # slots a client keeps reserved for its next put
 _CREDIT_MEMORY = 16  # puts whose sizes the next credit's size is chosen from
@@ -153,13 +160,10 @@ class AgentConnection:
             self._mmap = map_arena(hello["arena_path"], hello["arena_bytes"], populate=hello["prefault"])
             self.arena = torch.frombuffer(self._mmap, dtype=torch.uint8)
             self.arena_np = np.frombuffer(self._mmap, dtype=np.uint8)  # cheaper to slice per chunk
+            self.arena_words = np.frombuffer(self._mmap, dtype=np.uint64, count=hello["arena_bytes"] // 8)
             self._arena_path = hello["arena_path"]
-        self.directory = None
-        if hello.get("directory_path"):
-            try:
-                self.directory = SharedIndexReader(hello["directory_path"], resolve=self._directory_path)
-            except OSError:
-                self.directory = None  # another host's or a vanished file: lookups go over the socket
+        self.directory = self._shared_index(hello, "directory_path")  # lookups without a round trip
+        self.locations = self._shared_index(hello, "locations_path")  # gets without a round trip
         self.lease_ttl_s = hello["lease_ttl_s"]
         self.arena_bytes = hello["arena_bytes"]
         self.max_batch = hello["max_batch_chunks"]
@@ -179,8 +183,16 @@ class AgentConnection:
             self.call("hello", {"version": PROTOCOL_VERSION})
             self._alive_at = now
 
-    def _directory_path(self) -> str:
-        return self.call("hello", {"version": PROTOCOL_VERSION})["directory_path"]
+    def _shared_index(self, hello: dict, field: str) -> SharedIndexReader | None:
+        """A reader of the shared index the agent names in `field`, or None: another host's or a vanished
+        file (and an older agent's hello has no such field); what it serves then goes over the socket."""
+        if not hello.get(field):
+            return None
+        try:
+            return SharedIndexReader(hello[field],
+                                     resolve=lambda: self.call("hello", {"version": PROTOCOL_VERSION})[field])
+        except OSError:
+            return None
 
     def call(self, op: str, args: dict, timeout: float | None = None):
         """One round trip (or a one-way message for NO_REPLY ops). Thread-safe."""
@@ -558,15 +570,18 @@ class LocalClient:
 
     # ---- get -------------------------------------------------------------------------------------
     @contextmanager
-    def _pinned_slots(self, keys: Sequence[bytes], prefix: bool) -> Iterator[list[tuple[int, int, int]]]:
+    def _pinned_slots(self, keys: Sequence[bytes], prefix: bool, first: int = 0
+                      ) -> Iterator[list[tuple[int, int, int]]]:
         """Pin the stored chunks among `keys`; yield (index, offset, size) of each hit, valid inside the
-        block. Each slot's header must name its key (the agent validated the header at commit)."""
+        block. Each slot's header must name its key (the agent validated the header at commit).
+        Miss reasons and remote hits are noted by index in the caller's request, keys[0] being `first`."""
         if len(keys) > self.max_batch:
             raise InvalidArgument(f"acquire takes at most {self.max_batch} keys at once")
         sent = time.monotonic()
         reply = self._call("acquire", {"ns": self.namespace.digest, "keys": b"".join(keys), "prefix": prefix})
-        self.last_miss_reasons = reply["reasons"]
-        self.last_remote_hits = reply.get("remote", [])  # indexes a cluster agent pulled from peers first
+        self.last_miss_reasons = {first + i: reason for i, reason in reply["reasons"].items()}
+        # indexes a cluster agent pulled from peers first
+        self.last_remote_hits = [first + i for i in reply.get("remote", [])]
         arena = self.conn.arena_np
         try:
             slots = []
@@ -598,41 +613,100 @@ class LocalClient:
 
     def get(self, keys: Sequence[bytes], out: torch.Tensor | None = None) -> torch.Tensor:
         """The stored prefix of `keys` as a tensor [n, *geometry.shape] (n may be < len(keys)).
-        With `out` ([len(keys), *shape]) the chunks are decoded straight into it and out[:n] returned."""
+        With `out` ([len(keys), *shape]) the chunks are decoded straight into it and out[:n] returned.
+
+        Chunks the arena holds are copied out of their slots with no round trip (`_copy_published`);
+        from the first that is not there on, one `acquire` per batch pins the rest (bringing disk and
+        remote hits into the arena first) and they are copied or decoded from their pinned slots."""
         if out is not None and (tuple(out.shape[1:]) != self.geometry.shape or out.shape[0] < len(keys)
                                 or out.dtype != self.geometry.torch_dtype):
             raise InvalidArgument(f"out must be [>= {len(keys)}, *{self.geometry.shape}] "
                                   f"{self.geometry.torch_dtype}")
-        raw_size = HEADER_BYTES + self.geometry.nbytes
-        arena = self.conn.arena_np
+        self.last_miss_reasons, self.last_remote_hits = {}, []
         results = []
         for start in range(0, len(keys), self.max_batch):
             batch = keys[start:start + self.max_batch]
-            with self._pinned_slots(batch, prefix=True) as slots:
-                if out is None:
-                    target = torch.empty((len(slots), *self.geometry.shape), dtype=self.geometry.torch_dtype)
-                else:
-                    target = out[start:start + len(slots)]
-                rows = byte_rows(target)
-                for n, (_, offset, size) in enumerate(slots):
-                    if size == raw_size and arena[offset + _CODEC_AT] == codec.CODEC_IDS["raw"]:
-                        src = arena[offset + HEADER_BYTES:offset + size]  # raw: one copy straight out
-                        if rows is not None:
-                            np.copyto(rows[n], src)
-                        else:
-                            dst = as_numpy(target[n])
-                            np.copyto(dst, src.view(dst.dtype).reshape(dst.shape), casting="no")
-                    else:
-                        header = ChunkHeader.unpack(arena[offset:offset + HEADER_BYTES])
-                        codec.decode(header, self._arena[offset + HEADER_BYTES:offset + size], out=target[n])
-            results.append(target)
-            if len(slots) < len(batch):
+            if out is None:
+                target = torch.empty((len(batch), *self.geometry.shape), dtype=self.geometry.torch_dtype)
+            else:
+                target = out[start:start + len(batch)]
+            got = self._copy_published(batch, target)
+            if got < len(batch):
+                got += self._copy_pinned(batch[got:], target[got:], start + got)
+            results.append(target[:got])
+            if got < len(batch):
                 break
         if out is not None:
             return out[: sum(len(r) for r in results)]
         if not results:
             return torch.empty((0, *self.geometry.shape), dtype=self.geometry.torch_dtype)
         return results[0] if len(results) == 1 else torch.cat(results)
+
+    def _copy_published(self, keys: Sequence[bytes], target: torch.Tensor) -> int:
+        """Copy the leading chunks of `keys` that the arena holds, raw, into target's rows without pinning
+        them; returns how many (the first one missing, of another codec or changed meanwhile ends it).
+
+        The agent stamps a published slot's header with a fresh nonzero serial and zeroes it before the
+        slot can be freed (tiers/cpu.py), and a writer only gets the slot after that. So when the serial
+        reads the same before and after the copy, and the header still names this namespace and key, no
+        byte of the copy came from anyone else's write. That needs the CPU to keep loads in program order
+        (x86-64 does); elsewhere every get pins. One message, not waited for, tells the agent of the hits
+        (eviction order, hit counts)."""
+        locations = self.conn.locations
+        if locations is None or not _IN_ORDER_LOADS or not keys:
+            return 0
+        try:
+            places = locations.lookup(pack_keys(keys)).tolist()
+        except (OSError, ValueError):  # the agent stopped (or moved the index away): pin instead
+            return 0
+        arena, words = self.conn.arena_np, self.conn.arena_words
+        nbytes = self.geometry.nbytes
+        end = HEADER_BYTES + nbytes
+        digest = self.namespace.digest
+        rows = byte_rows(target)
+        copied = 0
+        for key, place in zip(keys, places):
+            offset = place * SMALL_ALIGN
+            if place < 0 or offset + end > arena.size:
+                break
+            stamp = (offset + SERIAL_AT) >> 3
+            serial = int(words[stamp])
+            names = arena[offset + _NAMES_AT:offset + _KEY_AT + 16]  # the header's namespace, then key
+            if (serial == 0 or names.tobytes() != digest + key or arena[offset + _CODEC_AT] != _RAW
+                    or int(words[(offset + _LEN_AT) >> 3]) != nbytes):
+                break
+            src = arena[offset + HEADER_BYTES:offset + end]
+            if rows is not None:
+                np.copyto(rows[copied], src)
+            else:
+                dst = as_numpy(target[copied])
+                np.copyto(dst, src.view(dst.dtype).reshape(dst.shape), casting="no")
+            if int(words[stamp]) != serial or names.tobytes() != digest + key:
+                break  # unpublished during the copy: pinned and copied again below
+            copied += 1
+        if copied:
+            self.conn.call("touch", {"ns": self.namespace.digest, "keys": b"".join(keys[:copied])})
+        return copied
+
+    def _copy_pinned(self, keys: Sequence[bytes], target: torch.Tensor, first: int) -> int:
+        """Pin the stored prefix of `keys` with one acquire and copy (or decode) it into target's rows;
+        returns how many. `first`: the index of keys[0] in the caller's request."""
+        raw_size = HEADER_BYTES + self.geometry.nbytes
+        arena = self.conn.arena_np
+        with self._pinned_slots(keys, True, first) as slots:
+            rows = byte_rows(target)
+            for n, (_, offset, size) in enumerate(slots):
+                if size == raw_size and arena[offset + _CODEC_AT] == _RAW:
+                    src = arena[offset + HEADER_BYTES:offset + size]  # raw: one copy straight out
+                    if rows is not None:
+                        np.copyto(rows[n], src)
+                    else:
+                        dst = as_numpy(target[n])
+                        np.copyto(dst, src.view(dst.dtype).reshape(dst.shape), casting="no")
+                else:
+                    header = ChunkHeader.unpack(arena[offset:offset + HEADER_BYTES])
+                    codec.decode(header, self._arena[offset + HEADER_BYTES:offset + size], out=target[n])
+            return len(slots)
 
     # ---- management ------------------------------------------------------------------------------
     def evict(self, keys: Sequence[bytes], tiers: Sequence[str] = ("cpu", "disk")) -> dict:

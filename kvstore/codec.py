@@ -36,10 +36,14 @@ CODEC_IDS = {"raw": 0, "lz4": 1, "int8": 2, "int4": 3}
 CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 
 # magic, version, codec, dtype, layers, heads, head_dim, tokens, planes, flags, group, reserved,
-# payload_len, payload_checksum, namespace, key, reserved(40)  -> 120 bytes, then header checksum.
+# payload_len, payload_checksum, namespace, key, reserved(32), serial(8) -> 120 bytes, then header checksum.
 _HEADER = struct.Struct("<4sHBBIIIIBBHIQQ16s16s40x")
 _HEADER_CHECK = struct.Struct("<Q")
 assert _HEADER.size + _HEADER_CHECK.size == HEADER_BYTES
+# The u64 at SERIAL_AT is the CPU arena's stamp on a published slot (tiers/cpu.py): the agent writes it
+# in place after the header is checked, so the header checksum reads it as zero. Written as 0 elsewhere.
+SERIAL_AT = 112
+_NO_SERIAL = bytes(8)
 
 
 @functools.lru_cache(maxsize=256)
@@ -114,7 +118,7 @@ class ChunkHeader:
         if magic != MAGIC:
             raise CorruptChunk(f"bad chunk magic {magic!r}")
         (stored,) = _HEADER_CHECK.unpack_from(raw, _HEADER.size)
-        if stored != xxhash.xxh3_64_intdigest(raw[:_HEADER.size]):
+        if stored != xxhash.xxh3_64_intdigest(raw[:SERIAL_AT] + _NO_SERIAL):
             raise CorruptChunk("header checksum mismatch")
         if version != FORMAT_VERSION:
             raise CorruptChunk(f"unsupported chunk format version {version}")

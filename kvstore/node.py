@@ -16,7 +16,6 @@ import os
 import secrets
 import signal
 import socket
-import struct
 import threading
 import time
 from collections import Counter, deque
@@ -38,7 +37,7 @@ from .recorder import RequestRecorder
 from .tiers.cpu import CpuTier
 from .tiers.disk import DiskTier
 from .tiers.index import MAX_VALUE, CuckooIndex
-from .tiers.memory import FLAG_ON_DISK, FLAG_QUEUED, pack_keys
+from .tiers.memory import FLAG_ON_DISK, FLAG_QUEUED, KEY_HALVES, pack_keys
 
 log = logging.getLogger("kvstore.agent")
 
@@ -49,7 +48,6 @@ TIER_NAMES = {TIER_GPU: "gpu", TIER_CPU: "cpu", TIER_DISK: "disk", TIER_REMOTE: 
 # Tier bits in the shared directory's values: value = namespace id << 8 | tier bits.
 DIR_BITS = {TIER_GPU: 1, TIER_CPU: 2, TIER_DISK: 4}
 MAX_NAMESPACE_ID = MAX_VALUE >> 8  # a directory value is ns_id << 8 | tier bits
-_KEY_HALVES = struct.Struct("<QQ")
 
 # Reserve status codes (instead of an offset).
 RESERVE_EXISTS = -1  # already stored (or being written by someone else): nothing to write
@@ -199,7 +197,7 @@ class NodeStore:
         current = self.directory.lookup(pack_keys(keys))  # one vectorised read, then a set per key
         changed = (np.where(current >= 0, current & 0xFF, 0) | DIR_BITS[tier]).tolist()
         for key, bits in zip(keys, changed):
-            low, high = _KEY_HALVES.unpack(key)
+            low, high = KEY_HALVES.unpack(key)
             self.directory.set(low, high, ns_id << 8 | bits)
         self._event("stored", ns_id, tier, keys)
         if self.on_holdings_change is not None and changed:
@@ -211,7 +209,7 @@ class NodeStore:
         gone, left = [], []
         by_ns: dict[int, list[bytes]] = {}
         for key in keys:
-            low, high = _KEY_HALVES.unpack(key)
+            low, high = KEY_HALVES.unpack(key)
             current = self.directory.get(low, high)
             if current < 0:
                 continue
@@ -499,14 +497,10 @@ class NodeStore:
             hits = found[found < limit]
             self.cpu.unpin(eids[found[found >= limit]])  # beyond the first miss of a prefix
             hit_eids = eids[hits]
-            self.cpu.touch(hit_eids)
+            self._used(hit_eids, [keys[i] for i in hits.tolist()])
             hit_off, hit_len, _ = self.cpu.slots(hit_eids)
             for i, off, size in zip(hits.tolist(), hit_off.tolist(), hit_len.tolist()):
                 offsets[i], sizes[i] = off, size
-            if self.cfg.disk.admission == "second_use" and self.disk is not None:
-                for eid, key in zip(hit_eids.tolist(), (keys[i] for i in hits.tolist())):
-                    if not self.cpu.entry(eid)[4] & (FLAG_ON_DISK | FLAG_QUEUED):
-                        self._enqueue(eid, key)
         pinned = [hit_eids]
         if promote:
             pinned.append(self._promote(info, promote, offsets, sizes, reasons))
@@ -529,6 +523,26 @@ class NodeStore:
         return {"lid": lid, "offsets": offsets, "sizes": sizes, "ttl": self.cfg.agent.lease_ttl_s,
                 "reasons": {i: r for i, r in reasons.items()},
                 "promoted": [i for i, _, _, _ in promote if offsets[i] >= 0]}
+
+    def touch(self, digest: bytes, keys: list[bytes]) -> int:
+        """Count chunks a client copied out of the arena without a pin (get's fast path: the slot's
+        serial proved the copy whole) as hits, and mark them used. Returns how many are still here."""
+        info = self._namespace(digest)
+        with self.lock:
+            eids = self.cpu.find(keys)
+            held = np.flatnonzero((eids >= 0) & (self.cpu.namespace_ids(eids) == info.ns_id))
+            self._used(eids[held], [keys[i] for i in held.tolist()])
+        self.counters.add("get_hit_chunks", len(held))
+        return len(held)
+
+    def _used(self, eids: np.ndarray, keys: list[bytes]) -> None:
+        """Chunks just read from the arena: later to be evicted, and with admission `second_use` now
+        due on disk (caller holds the lock)."""
+        self.cpu.touch(eids)
+        if self.cfg.disk.admission == "second_use" and self.disk is not None:
+            for eid, key in zip(eids.tolist(), keys):
+                if not self.cpu.entry(eid)[4] & (FLAG_ON_DISK | FLAG_QUEUED):
+                    self._enqueue(eid, key)
 
     def _promote(self, info: _NamespaceInfo, items, offsets, sizes, reasons) -> np.ndarray:
         """Read disk hits straight into their arena slots (outside the lock), then index and pin them."""
@@ -998,7 +1012,7 @@ class AgentServer:
         self._handlers: dict[str, Callable[[int, dict], Any]] = {
             "hello": self._hello, "register": self._register, "lookup": self._lookup,
             "contains": self._contains, "reserve": self._reserve, "commit": self._commit,
-            "abort": self._abort, "acquire": self._acquire, "release": self._release,
+            "abort": self._abort, "acquire": self._acquire, "release": self._release, "touch": self._touch,
             "evict": self._evict, "clear": self._clear, "flush": self._flush, "stats": self._stats,
             "list": self._list, "events": self._events, "chunks": self._chunks,
             "pin": self._pin, "unpin": self._unpin, "move": self._move,
@@ -1007,7 +1021,7 @@ class AgentServer:
         self.recorder = RequestRecorder()
         self._observers: dict[str, Callable[[dict, Any], tuple[str, dict | None]]] = {
             "lookup": self._observe_lookup, "reserve": _observe_put, "commit": _observe_put,
-            "acquire": self._observe_acquire}
+            "acquire": self._observe_acquire, "touch": self._observe_touch}
         self._metrics = None
         self.metrics_port = 0  # the agent's Prometheus endpoint (agent.metrics_address), once started
 
@@ -1134,6 +1148,10 @@ class AgentServer:
         tier = "remote" if remote else "disk" if disk else "cpu" if served else "none"
         return tier, {"get_hit": hit, "get_miss": {r: n * per_chunk for r, n in missed.items()}}
 
+    def _observe_touch(self, args: dict, touched: int) -> tuple[str, dict]:
+        """Chunks read in place are arena hits (a miss goes on to `acquire`, which counts it)."""
+        return ("cpu" if touched else "none"), {"get_hit": {"cpu": touched * self._chunk_tokens(args)}}
+
     def _key_blob(self, args: dict) -> bytes:
         """The request's keys as one blob of 16-byte keys, checked for shape and batch size."""
         blob = _arg(args, "keys", bytes)
@@ -1157,7 +1175,8 @@ class AgentServer:
                 "arena_bytes": store.cpu.capacity, "lease_ttl_s": store.cfg.agent.lease_ttl_s,
                 "chunk_tokens": store.cfg.chunk_tokens, "pid": os.getpid(),
                 "prefault": store.cfg.cpu.prefault, "max_batch_chunks": store.cfg.agent.max_batch_chunks,
-                "busy_poll_us": store.cfg.agent.busy_poll_us, "directory_path": store.directory.path}
+                "busy_poll_us": store.cfg.agent.busy_poll_us, "directory_path": store.directory.path,
+                "locations_path": store.cpu.locations.path}
 
     def _register(self, conn: int, args: dict) -> int:
         return self.store.register(_arg(args, "ns", bytes), geometry_from_wire(_arg(args, "geometry", list)),
@@ -1187,6 +1206,9 @@ class AgentServer:
     def _acquire(self, conn: int, args: dict) -> dict:
         return self.store.acquire(conn, _arg(args, "ns", bytes), self._keys(args),
                                   bool(_arg(args, "prefix", bool, True)))
+
+    def _touch(self, conn: int, args: dict) -> int:
+        return self.store.touch(_arg(args, "ns", bytes), self._keys(args))
 
     def _release(self, conn: int, args: dict) -> None:
         self.store.release(conn, _arg(args, "lid", int))

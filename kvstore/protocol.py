@@ -2,7 +2,7 @@
 
 A frame is a little-endian u32 body length followed by a msgpack body. Requests are ``[op, args]``;
 replies are ``["ok", result]`` or ``["err", code, message]``. Ops in NO_REPLY get no reply (releases
-are fire-and-forget so a get costs one round trip). Keys travel as one binary blob of 16-byte keys.
+and touches are fire-and-forget, so a get costs at most one round trip). Keys travel as one binary blob of 16-byte keys.
 ConnectionServer is the threaded socket server that serves such frames: the agent's Unix socket and
 the cluster's peer links.
 """
@@ -23,7 +23,7 @@ from .errors import ERRORS_BY_CODE, InvalidArgument, KVStoreError, ProtocolError
 
 PROTOCOL_VERSION = 1
 _LEN = struct.Struct("<I")
-NO_REPLY = frozenset({"release", "abort"})
+NO_REPLY = frozenset({"release", "abort", "touch"})
 OPS = frozenset({"hello", "register", "lookup", "contains", "reserve", "commit", "abort", "acquire",
                  "release", "evict", "clear", "flush", "stats", "list"})
 

@@ -12,6 +12,7 @@ from kvstore.keys import Namespace
 from kvstore.layout import Geometry
 
 from kvstore.client import LocalClient
+from kvstore.tiers.memory import pack_keys
 
 from .conftest import (SMALL, SMALL_NS, agent_settings, small_chunks, spawn_agent, stop_agent, tokens,
                        write_config)
@@ -265,3 +266,64 @@ def test_a_short_put_keeps_a_credit_big_enough_for_the_next_full_one(agent):
         assert client.put(keys, small_chunks(n, seed=i)).stored == n
     assert ops_of(sent) == ["reserve", "commit", "commit", "commit", "commit", "commit"]  # no reserve after the first
     assert torch.equal(client.get(client.keys(tokens(6, start=40_000))), small_chunks(6, seed=4))
+
+
+def test_a_get_of_chunks_in_the_arena_reads_them_in_place_and_only_tells_the_agent(agent):
+    client = agent.client()
+    keys = client.keys(tokens(4))
+    client.put(keys, small_chunks(4))
+    hits_before = client.stats()["counters"].get("get_hit_chunks", 0)
+    sent = record_requests(client)
+    assert torch.equal(client.get(keys), small_chunks(4))
+    out = torch.zeros((4, *SMALL.shape), dtype=SMALL.torch_dtype)
+    assert torch.equal(client.get(keys, out=out), small_chunks(4)) and torch.equal(out, small_chunks(4))
+    assert ops_of(sent) == ["touch", "touch"]  # one-way: no round trip
+    assert sent[0][1]["keys"] == b"".join(keys)
+    assert client.stats()["counters"]["get_hit_chunks"] == hits_before + 8  # the touches were counted
+
+
+def test_a_get_reads_the_arena_part_of_a_prefix_in_place_and_pins_the_rest(agent):
+    """Chunks 0-1 in the arena, 2 only on disk (promoted by the acquire), 3 in the arena, 4 nowhere."""
+    client = agent.client()
+    keys = client.keys(tokens(5))
+    client.put(keys[:4], small_chunks(4))
+    assert client.flush(timeout=30)
+    client.evict(keys[2:3], tiers=("cpu",))
+    sent = record_requests(client)
+    got = client.get(keys)
+    assert torch.equal(got, small_chunks(4))
+    assert ops_of(sent) == ["touch", "acquire", "release"]
+    assert sent[0][1]["keys"] == b"".join(keys[:2]) and sent[1][1]["keys"] == b"".join(keys[2:])
+    assert client.last_miss_reasons == {4: "not_found"}  # by index in the request, not in the acquire
+
+
+def test_a_chunk_evicted_and_its_slot_rewritten_during_an_in_place_copy_is_not_returned(agent, monkeypatch):
+    """The race a pin would have prevented: between the reader's checks and the end of its copy the
+    chunk is evicted and another chunk written into its slot. The serial check must catch it; the
+    chunk then goes through acquire, which finds it gone: a miss, never the other chunk's bytes."""
+    import numpy as np
+
+    client, writer = agent.client(), agent.client()
+    keys, other = client.keys(tokens(1)), client.keys(tokens(1, start=5000))
+    client.put(keys, small_chunks(1, seed=1))
+    assert client.flush(timeout=30)  # written behind and unpinned, so it can be evicted
+    place = client.conn.locations.lookup(pack_keys(keys)).tolist()
+    real_copyto = np.copyto
+    raced: list[bool] = []
+
+    def copyto(dst, src, **kw):
+        if not raced:  # the reader's copy of keys[0] (its checks are done): race it once
+            raced.append(True)
+            assert agent.store.evict(SMALL_NS.digest, keys, ("cpu", "disk"))["cpu"] == 1
+            writer.put(other, small_chunks(1, seed=2))
+            assert writer.conn.locations.lookup(pack_keys(other)).tolist() == place  # the very slot
+        return real_copyto(dst, src, **kw)
+
+    monkeypatch.setattr(np, "copyto", copyto)
+    sent = record_requests(client)
+    got = client.get(keys)
+    assert raced and got.shape[0] == 0
+    assert ops_of(sent) == ["acquire", "release"]  # no touch: nothing was read in place
+    assert client.last_miss_reasons == {0: "not_found"}
+    monkeypatch.undo()
+    assert torch.equal(writer.get(other), small_chunks(1, seed=2))

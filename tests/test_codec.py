@@ -8,7 +8,7 @@ import torch
 import xxhash
 
 from kvstore.codec import (
-    FLAG_CHECKSUM, HEADER_BYTES, ChunkHeader, decode, default_group, encode, payload_nbytes,
+    FLAG_CHECKSUM, HEADER_BYTES, SERIAL_AT, ChunkHeader, decode, default_group, encode, payload_nbytes,
 )
 from kvstore.errors import CorruptChunk, InvalidArgument, UnknownCodec
 from kvstore.layout import SMOLLM2_135M, Geometry, default_chunk_tokens
@@ -115,12 +115,20 @@ def test_header_byte_offsets_match_the_doc():
     assert struct.unpack_from("<Q", packed, 120)[0] == xxhash.xxh3_64_intdigest(packed[:120])
 
 
-@pytest.mark.parametrize("position", range(HEADER_BYTES))
+@pytest.mark.parametrize("position", [p for p in range(HEADER_BYTES) if not SERIAL_AT <= p < SERIAL_AT + 8])
 def test_any_flipped_header_byte_is_detected(position):
     packed = bytearray(full_header().pack())
     packed[position] ^= 0x10
     with pytest.raises(CorruptChunk):
         ChunkHeader.unpack(packed)
+
+
+def test_the_arena_serial_is_outside_the_header_checksum():
+    """The agent stamps a published arena slot's header in place (tiers/cpu.py); the header still reads
+    back whole, as the same header."""
+    packed = bytearray(full_header().pack())
+    struct.pack_into("<Q", packed, SERIAL_AT, 0x1234_5678_9ABC)
+    assert ChunkHeader.unpack(packed) == full_header()
 
 
 def test_bad_magic_truncation_and_version():

@@ -50,22 +50,28 @@ def test_put_get_lookup_move_the_documented_names(served):
     client = served.client()
     keys = [bytes(k) for k in client.keys(tokens(6))]
     client.put(keys[:4], small_chunks(4))
-    got = client.get(keys[:4])
+    got = client.get(keys[:4])  # all 4 in the arena: read in place, then one `touch`
     assert got.shape[0] == 4
+    client.stats()  # a round trip on the same connection: the one-way touch has been served
+    with client.acquire(keys[:2]):  # a pinned read
+        pass
     conn = AgentConnection(served.socket_path)
     conn.call("lookup", {"ns": SMALL_NS.digest, "keys": b"".join(keys)})  # 4 stored, 2 not
     after = scrape(served.server.metrics_port)
 
     assert count(after, "commit", "cpu") >= count(before, "commit", "cpu") + 1
+    assert count(after, "touch", "cpu") == count(before, "touch", "cpu") + 1
     assert count(after, "acquire", "cpu") == count(before, "acquire", "cpu") + 1
     assert count(after, "lookup", "cpu") == count(before, "lookup", "cpu") + 1
     assert value(after, "kvstore_agent_request_seconds_bucket", op="acquire", tier="cpu", le="+Inf") == \
         count(after, "acquire", "cpu")
     assert value(after, "kvstore_agent_request_seconds_sum", op="acquire", tier="cpu") > 0
-    assert value(after, "kvstore_get_hit_tokens_total", tier="cpu") == 4 * TOKENS
+    assert value(after, "kvstore_get_hit_tokens_total", tier="cpu") == (4 + 2) * TOKENS
+    assert value(after, "kvstore_get_hit_chunks_total") == 4 + 2
     assert value(after, "kvstore_lookup_tokens_total", tier="cpu") == 4 * TOKENS
     assert value(after, "kvstore_lookup_tokens_total", tier="none") == 2 * TOKENS
     assert value(after, "kvstore_agent_requests_total", op="acquire") == 1
+    assert value(after, "kvstore_agent_requests_total", op="touch") == 1
     assert value(after, "kvstore_agent_connections") == 2  # the client and the raw connection
     assert value(after, "kvstore_tier_bytes", tier="cpu", kind="used") > value(before, "kvstore_tier_bytes",
                                                                                 tier="cpu", kind="used")

@@ -7,6 +7,7 @@ place. The file is unlinked when the agent stops (and a stale one from a killed 
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import secrets
@@ -14,19 +15,24 @@ from pathlib import Path
 
 import numpy as np
 
+from ..codec import HEADER_BYTES, SERIAL_AT
 from ..config import CpuConfig
 from ..errors import ConfigError
-from .memory import MemoryTier
+from .index import MAX_VALUE, CuckooIndex
+from .memory import KEY_HALVES, MemoryTier
+from .slab import SMALL_ALIGN
 
 PAGE = 4096
 ARENA_PREFIX = "kvstore-arena-"
 
 
-STALE_PREFIXES = (ARENA_PREFIX, "kvstore-directory-")  # shared files named <prefix><agent pid>-<random>
+LOCATIONS_NAME = "kvstore-locations"
+# shared files named <prefix><agent pid>-<random>
+STALE_PREFIXES = (ARENA_PREFIX, "kvstore-directory-", f"{LOCATIONS_NAME}-")
 
 
 def remove_stale_files(shm_dir: str) -> list[str]:
-    """Unlink the agent's shared files (arena, directory) whose agent, the pid in the name, is gone
+    """Unlink the agent's shared files (arena, directory, locations) whose agent, the pid in the name, is gone
     (e.g. after a SIGKILL)."""
     removed = []
     for prefix in STALE_PREFIXES:
@@ -115,12 +121,45 @@ class ShmArena:
 
 
 class CpuTier(MemoryTier):
-    """The shared-memory arena tier."""
+    """The shared-memory arena tier.
+
+    It also publishes where each chunk lies, so a client can copy a chunk out without a round trip to
+    pin it: `locations`, a shared index of key -> slot offset / SMALL_ALIGN, and a serial stamped into
+    the header of each published slot (docs/chunk-format.md). The serial is fresh for every publication
+    and is zeroed before the slot is freed, so a reader who sees the same nonzero serial before and
+    after its copy knows that no one wrote the slot meanwhile (client.py, LocalClient.get)."""
 
     def __init__(self, cfg: CpuConfig, capacity: int, on_evict=None):
         self.arena = ShmArena(capacity, cfg.shm_dir, cfg.prefault)
         super().__init__("cpu", self.arena, cfg.slab_bytes, cfg.policy, on_evict)
+        self.locations = CuckooIndex(shm_dir=cfg.shm_dir, name=LOCATIONS_NAME)
+        self._words = np.frombuffer(self.arena.mmap, dtype=np.uint64, count=capacity // 8)
+        self._serials = itertools.count(secrets.randbits(48) + 1)  # never 0: 0 marks an unpublished slot
 
     @property
     def arena_path(self) -> str:
         return self.arena.path
+
+    def insert(self, key: bytes, offset: int, nbytes: int, ns_id: int, flags: int = 0) -> bool:
+        """Index the slot (MemoryTier.insert), then stamp and publish it: its bytes are all in place."""
+        with self.lock:
+            if not super().insert(key, offset, nbytes, ns_id, flags):
+                return False
+            # A slot too small for a chunk header, or past 256 GiB of arena, is read pinned only.
+            if nbytes >= HEADER_BYTES and offset // SMALL_ALIGN <= MAX_VALUE:
+                self._words[(offset + SERIAL_AT) >> 3] = next(self._serials)
+                low, high = KEY_HALVES.unpack(key)
+                self.locations.set(low, high, offset // SMALL_ALIGN)
+            return True
+
+    def _remove(self, eid: int) -> bytes:
+        # Unstamp first: from here on a reader's serial check fails, before anyone can reuse the slot.
+        if self._nbytes[eid] >= HEADER_BYTES:
+            self._words[(int(self._offset[eid]) + SERIAL_AT) >> 3] = 0
+        self.locations.remove(int(self._lo[eid]), int(self._hi[eid]))
+        return super()._remove(eid)
+
+    def close(self) -> None:
+        self.locations.close()
+        self._words = None
+        super().close()

@@ -30,7 +30,7 @@ FLAG_ON_DISK = 0x01  # a durable copy exists on the disk tier
 FLAG_QUEUED = 0x02  # waiting for write-behind (and pinned for it)
 
 _UNHELPFUL_EVICTIONS = 32  # evictions of other classes before freeing a whole slab instead
-_KEY = struct.Struct("<QQ")
+KEY_HALVES = struct.Struct("<QQ")  # a 16-byte key as its (low, high) 64-bit halves
 
 
 def pack_keys(keys: bytes | Sequence[bytes]) -> np.ndarray:
@@ -133,7 +133,7 @@ class MemoryTier:
         is returned (first writer wins: both wrote the same prefix)."""
         if len(key) != 16:
             raise ValueError(f"keys are 16 bytes, got {len(key)}")
-        low, high = _KEY.unpack(key)
+        low, high = KEY_HALVES.unpack(key)
         with self.lock:
             eid = self._free_eids.pop() if self._free_eids else self._n_eids
             if not self._index.insert(low, high, eid):  # already stored
@@ -156,7 +156,7 @@ class MemoryTier:
             return True
 
     def key_of(self, eid: int) -> bytes:
-        return _KEY.pack(int(self._lo[eid]), int(self._hi[eid]))
+        return KEY_HALVES.pack(int(self._lo[eid]), int(self._hi[eid]))
 
     def _remove(self, eid: int) -> bytes:
         assert self._live[eid] and self._pins[eid] == 0

@@ -13,9 +13,11 @@ import xxhash
 import pytest
 import torch
 
+from kvstore.codec import HEADER_BYTES, SERIAL_AT
 from kvstore.config import CpuConfig, GpuConfig
 from kvstore.errors import CapacityExhausted, ChunkTooLarge, ConfigError, InvalidArgument
 from kvstore.tiers.cpu import CpuTier, ShmArena, map_arena
+from kvstore.tiers.memory import KEY_HALVES
 from kvstore.tiers.gpu import GpuTier
 from kvstore.tiers.policy import LRUPolicy, S3FIFOPolicy, make_policy
 from kvstore.tiers.slab import SlabPool, size_class
@@ -403,11 +405,17 @@ def eids(tier, keys) -> np.ndarray:
 
 
 def assert_intact(tier, keys) -> None:
+    """Each key's bytes are as written, but for the serial the CPU tier stamps where a chunk header
+    has it (in every slot big enough for a header), which must be set."""
     for k in keys:
         eid = int(tier.find([k])[0])
         assert eid >= 0, k
         stored, offset, nbytes, _, _ = tier.entry(eid)
-        assert stored == k and bytes(tier.view(offset, nbytes)) == payload(k, nbytes)
+        held, written = bytearray(tier.view(offset, nbytes)), bytearray(payload(k, nbytes))
+        if isinstance(tier, CpuTier) and nbytes >= HEADER_BYTES:
+            assert held[SERIAL_AT:SERIAL_AT + 8] != bytes(8), k
+            held[SERIAL_AT:SERIAL_AT + 8] = written[SERIAL_AT:SERIAL_AT + 8]
+        assert stored == k and held == written
 
 
 def test_insert_find_contains_and_read_back(cpu_tier):
@@ -698,7 +706,8 @@ def test_cpu_tier_arena_file_lives_while_open(cpu_tier, tmp_path):
     other = map_arena(tier.arena_path, ARENA, populate=False)
     try:
         offset = tier.entry(int(tier.find([b"a_______________"])[0]))[1]
-        assert other[offset:offset + CHUNK] == payload(b"a_______________", CHUNK)
+        assert other[offset:offset + CHUNK] == bytes(tier.view(offset, CHUNK))  # one memory, serial and all
+        assert_intact(tier, {b"a_______________": CHUNK})
     finally:
         other.close()
     tier.close()
@@ -777,3 +786,41 @@ def test_keys_sharing_a_low_half_never_alias(cpu_tier):
     assert tier.find([second, first]).tolist()[0] == -1
     assert tier.contains([first, second]).tolist() == [True, False]
     assert_intact(tier, [first])
+
+
+def test_cpu_tier_stamps_and_publishes_each_chunk_and_unstamps_it_before_the_slot_is_freed(cpu_tier):
+    """What a client's get without a pin relies on (client.py, _copy_published): a published slot has
+    a serial of its own and a location readers can see; a removed or evicted one has neither."""
+    from kvstore.tiers.index import SharedIndexReader
+    from kvstore.tiers.memory import pack_keys
+
+    tier, evicted = cpu_tier()
+    locations = SharedIndexReader(tier.locations.path)  # as a client process maps it
+
+    def serial(offset: int) -> int:
+        return int.from_bytes(bytes(tier.view(offset + SERIAL_AT, 8)), "little")
+
+    a, b = key(1), key(2)
+    first_a, at_b = put(tier, a), put(tier, b)
+    assert serial(first_a) and serial(at_b) and serial(first_a) != serial(at_b)
+    assert locations.lookup(pack_keys([a, b])).tolist() == [first_a // 64, at_b // 64]
+    stamp = serial(first_a)
+    assert tier.remove([a]) == (1, 0)
+    assert serial(first_a) == 0 and locations.lookup(pack_keys([a])).tolist() == [-1]
+    again = put(tier, a)  # the same key again, in the slot just freed: a new serial all the same
+    assert again == first_a and serial(again) not in (0, stamp)
+    for i in range(3, 3 + ARENA // CHUNK):  # fill the arena: a and b are evicted (LRU)
+        put(tier, key(i))
+    assert {a, b} <= set(evicted)
+    assert locations.lookup(pack_keys([a, b])).tolist() == [-1, -1]
+    live = [k for k in map(key, range(3, 3 + ARENA // CHUNK)) if tier.find([k])[0] >= 0]
+    stamps = [serial(tier.entry(int(tier.find([k])[0]))[1]) for k in live]
+    assert 0 not in stamps and len(set(stamps)) == len(stamps) == len(tier)
+    assert_intact(tier, {k: CHUNK for k in live})
+
+
+def test_cpu_tier_does_not_stamp_a_slot_too_small_for_a_chunk_header(cpu_tier):
+    tier, _ = cpu_tier()
+    put(tier, key(1), HEADER_BYTES - 8)  # its last 8 bytes are where a header's serial would be
+    assert tier.locations.get(*KEY_HALVES.unpack(key(1))) == -1  # read pinned only
+    assert_intact(tier, {key(1): HEADER_BYTES - 8})  # nothing written past or into it
