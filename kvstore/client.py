@@ -21,7 +21,7 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -275,6 +275,7 @@ class LocalClient:
         self._credit: dict | None = None  # arena slots reserved by the last commit for the next put
         self._credit_lock = threading.Lock()  # begin_put and commit_put may run on different threads
         self._recent_puts: deque[int] = deque(maxlen=_CREDIT_MEMORY)  # chunks in each recent put
+        self._header_packers: dict[tuple[int, int], Callable[[bytes], bytes]] = {}
         self.conn = AgentConnection(socket_path, timeout, cfg, on_connect=self._register)
 
     def _register(self, conn: AgentConnection) -> None:
@@ -378,16 +379,15 @@ class LocalClient:
     def put(self, keys: Sequence[bytes], chunks: torch.Tensor | Sequence[torch.Tensor]) -> PutResult:
         """Store `chunks[i]` (canonical layout, the geometry's shape and dtype) under `keys[i]`.
         Chunks already stored are not written again."""
-        if isinstance(chunks, torch.Tensor) and chunks.dim() == len(self.geometry.shape):
-            chunks = chunks.unsqueeze(0)
+        if isinstance(chunks, torch.Tensor):
+            if chunks.dim() == len(self.geometry.shape):
+                chunks = chunks.unsqueeze(0)
+            self._check_chunks(tuple(chunks.shape[1:]), chunks.dtype, chunks.device)  # all at once
+        else:
+            for chunk in chunks:
+                self._check_chunks(tuple(chunk.shape), chunk.dtype, chunk.device)
         if len(chunks) != len(keys):
             raise InvalidArgument(f"{len(keys)} keys but {len(chunks)} chunks")
-        for chunk in chunks:
-            if tuple(chunk.shape) != self.geometry.shape or chunk.dtype != self.geometry.torch_dtype:
-                raise InvalidArgument(f"chunk of shape {tuple(chunk.shape)} {chunk.dtype}; this namespace "
-                                      f"holds {self.geometry.shape} {self.geometry.torch_dtype}")
-            if chunk.device.type != "cpu":
-                raise InvalidArgument("LocalClient.put takes CPU tensors (the GPU tier has its own path)")
         totals = [0, 0, 0]
         errors: list[tuple[int, str, str]] = []
         for start in range(0, len(keys), self.max_batch):
@@ -396,6 +396,13 @@ class LocalClient:
             totals = [totals[0] + stored, totals[1] + existing, totals[2] + no_space]
             errors.extend((start + i, code, msg) for i, code, msg in errs)
         return PutResult(*totals, errors=tuple(errors))
+
+    def _check_chunks(self, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+        if shape != self.geometry.shape or dtype != self.geometry.torch_dtype:
+            raise InvalidArgument(f"chunk of shape {shape} {dtype}; this namespace "
+                                  f"holds {self.geometry.shape} {self.geometry.torch_dtype}")
+        if device.type != "cpu":
+            raise InvalidArgument("LocalClient.put takes CPU tensors (the GPU tier has its own path)")
 
     def _put_batch(self, keys, chunks):
         if self.codec == "raw":
@@ -495,10 +502,20 @@ class LocalClient:
     def _write_headers(self, pending: "PendingPut", slots: list[tuple[int, int]]) -> None:
         arena = self.conn.arena_np
         for i, offset in slots:
-            header = ChunkHeader(codec=self.codec, geometry=self.geometry,
-                                 payload_len=pending.sizes[i] - HEADER_BYTES, namespace=self.namespace.digest,
-                                 key=pending.keys[i], group=pending.group)
-            arena[offset:offset + HEADER_BYTES] = np.frombuffer(header.pack(), dtype=np.uint8)
+            pack = self._header_packer(pending.sizes[i] - HEADER_BYTES, pending.group)
+            arena[offset:offset + HEADER_BYTES] = np.frombuffer(pack(pending.keys[i]), dtype=np.uint8)
+
+    def _header_packer(self, payload_len: int, group: int):
+        """Packs this client's chunk header for a key (ChunkHeader.key_packer), one per payload size and
+        quantisation group: a namespace's raw chunks all share one."""
+        packer = self._header_packers.get((payload_len, group))
+        if packer is None:
+            if len(self._header_packers) >= 64:  # sizes of encoded chunks vary: keep the cache small
+                self._header_packers.clear()
+            packer = self._header_packers[payload_len, group] = ChunkHeader(
+                codec=self.codec, geometry=self.geometry, payload_len=payload_len,
+                namespace=self.namespace.digest, group=group).key_packer()
+        return packer
 
     def _take_credit(self, granted: dict | None, size: int, sent: float) -> None:
         """Keep the credit a commit reserved for the next put, or give back one the arena could not fill."""

@@ -2,6 +2,7 @@
 
 import math
 import struct
+from dataclasses import replace
 
 import pytest
 import torch
@@ -415,3 +416,13 @@ def test_default_chunk_is_the_smallest_multiple_of_the_block_of_at_least_128_tok
 def test_default_chunk_rejects_a_non_positive_block():
     with pytest.raises(InvalidArgument):
         default_chunk_tokens(0)
+
+
+def test_a_key_packer_packs_the_same_header_as_pack_for_every_key():
+    template = full_header()
+    pack_with_key = template.key_packer()
+    for key in (bytes(16), bytes(range(16)), b"\xff" * 16):
+        assert pack_with_key(key) == replace(template, key=key).pack()
+        assert ChunkHeader.unpack(pack_with_key(key)).key == key
+    with pytest.raises(InvalidArgument):
+        pack_with_key(b"short")
