@@ -45,6 +45,26 @@ def test_duplicate_and_shared_low_half_and_zero_low_half_are_refused():
     assert index.lookup(np.array([[8, 8]], dtype=np.uint64)).tolist() == [MAX_VALUE]
 
 
+def test_set_inserts_or_changes_a_value_and_leaves_a_low_half_collision_alone():
+    rng = np.random.default_rng(3)
+    index = CuckooIndex(8)  # grows through the sets
+    keys = random_keys(rng, 5_000).tolist()
+    model = {}
+    for step, (low, high) in enumerate(keys):
+        index.set(low, high, step)
+        model[low, high] = step
+        if step % 4 == 0:  # change an earlier key's value in place
+            old = tuple(keys[rng.integers(0, step + 1)])
+            index.set(*old, step + 1)
+            model[old] = step + 1
+    assert len(index) == len(model)
+    assert index.lookup(np.array(keys, dtype=np.uint64)).tolist() == [model[tuple(k)] for k in keys]
+    index.set(keys[0][0], keys[0][1] ^ (1 << 40), 9)  # another key with keys[0]'s low half: refused
+    index.set(0, 1 << 40, 9)  # low half 0: refused
+    assert len(index) == len(model) and index.get(*keys[0]) == model[tuple(keys[0])]
+    assert index.get(0, 1 << 40) == EMPTY
+
+
 def test_a_key_is_matched_on_its_low_half_and_the_top_of_its_high_half():
     """96 bits: the low 32 bits of the high half are not kept (MemoryTier confirms them from its records)."""
     index = CuckooIndex()
