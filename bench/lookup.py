@@ -10,8 +10,8 @@ while it schedules); `hash_us_128` is that cost.
 
 index_bytes_per_chunk = (growth of the agent's anonymous resident memory, RssAnon, from before the
 chunks were inserted to steady state 3 s after the last request, when the agent has returned freed
-request garbage to the OS: its private index and per-chunk records, not the arena) + (size of the shared
-directory file), divided by the number of chunks.
+request garbage to the OS: its private index and per-chunk records, not the arena) + (sizes of the shared
+directory and locations files), divided by the number of chunks.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 from kvstore.client import LocalClient
 from kvstore.keys import Namespace
 from kvstore.layout import Geometry
+from kvstore.protocol import PROTOCOL_VERSION
 
 from . import agent_process, bench_dir, log, percentiles_us, timed_calls
 
@@ -137,10 +138,13 @@ def run(args) -> dict:
             chunks = result[f"chunks_indexed_{_label(largest.size)}"]
             time.sleep(3.0)  # steady state: the agent trims freed request garbage every few seconds
             directory_bytes = os.path.getsize(largest.client.conn.directory.path)
+            hello = largest.client.conn.call("hello", {"version": PROTOCOL_VERSION})  # the current file
+            locations_bytes = os.path.getsize(hello["locations_path"])
             private = _rss_anon(largest.proc.pid) - largest.rss_before
-            result["index_bytes_per_chunk"] = round((private + directory_bytes) / chunks, 1)
+            result["index_bytes_per_chunk"] = round((private + directory_bytes + locations_bytes) / chunks, 1)
             result["agent_private_bytes_per_chunk"] = round(private / chunks, 1)
             result["directory_bytes_per_chunk"] = round(directory_bytes / chunks, 1)
+            result["locations_bytes_per_chunk"] = round(locations_bytes / chunks, 1)
             start = time.perf_counter()
             for p in range(200):
                 largest.client.keys(_prompt_tokens(p))
