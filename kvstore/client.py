@@ -692,12 +692,7 @@ class LocalClient:
             if (serial == 0 or names.tobytes() != digest + key or arena[offset + _CODEC_AT] != _RAW
                     or int(words[(offset + _LEN_AT) >> 3]) != nbytes):
                 break
-            src = arena[offset + HEADER_BYTES:offset + end]
-            if rows is not None:
-                np.copyto(rows[copied], src)
-            else:
-                dst = as_numpy(target[copied])
-                np.copyto(dst, src.view(dst.dtype).reshape(dst.shape), casting="no")
+            _copy_raw(arena[offset + HEADER_BYTES:offset + end], rows, target, copied)
             if int(words[stamp]) != serial or names.tobytes() != digest + key:
                 break  # unpublished during the copy: pinned and copied again below
             copied += 1
@@ -713,13 +708,8 @@ class LocalClient:
         with self._pinned_slots(keys, True, first) as slots:
             rows = byte_rows(target)
             for n, (_, offset, size) in enumerate(slots):
-                if size == raw_size and arena[offset + _CODEC_AT] == _RAW:
-                    src = arena[offset + HEADER_BYTES:offset + size]  # raw: one copy straight out
-                    if rows is not None:
-                        np.copyto(rows[n], src)
-                    else:
-                        dst = as_numpy(target[n])
-                        np.copyto(dst, src.view(dst.dtype).reshape(dst.shape), casting="no")
+                if size == raw_size and arena[offset + _CODEC_AT] == _RAW:  # raw: one copy straight out
+                    _copy_raw(arena[offset + HEADER_BYTES:offset + size], rows, target, n)
                 else:
                     header = ChunkHeader.unpack(arena[offset:offset + HEADER_BYTES])
                     codec.decode(header, self._arena[offset + HEADER_BYTES:offset + size], out=target[n])
@@ -739,6 +729,16 @@ class LocalClient:
 
     def stats(self) -> dict:
         return self._call("stats", {})
+
+
+def _copy_raw(payload: np.ndarray, rows: np.ndarray | None, target: torch.Tensor, n: int) -> None:
+    """Copy a raw chunk's payload bytes into target[n]: one flat copy into `rows` (byte_rows(target))
+    when target is contiguous, else into the strided view in its dtype's width."""
+    if rows is not None:
+        np.copyto(rows[n], payload)
+    else:
+        dst = as_numpy(target[n])
+        np.copyto(dst, payload.view(dst.dtype).reshape(dst.shape), casting="no")
 
 
 def namespace_bits(values: np.ndarray, ns_id: int) -> np.ndarray:
