@@ -2,8 +2,9 @@
 
 Control goes over the agent's Unix socket, one round trip per request (not per chunk); data moves
 through the shared-memory arena that the client maps: a put is one copy of each chunk into its slot
-(a strided source is gathered straight into place), a get is one copy out of it (or none, with
-`acquire`, which hands out views that stay valid until released).
+(a strided source is gathered straight into place), a get is one copy out of it (read in place with
+no round trip while the chunks are in the arena; or no copy, with `acquire`, which hands out views
+that stay valid until released).
 
     client = LocalClient(namespace=Namespace(model="SmolLM2-135M"), geometry=SMOLLM2_135M)
     keys = client.keys(tokens)

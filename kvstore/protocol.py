@@ -2,7 +2,8 @@
 
 A frame is a little-endian u32 body length followed by a msgpack body. Requests are ``[op, args]``;
 replies are ``["ok", result]`` or ``["err", code, message]``. Ops in NO_REPLY get no reply (releases
-and touches are fire-and-forget, so a get costs at most one round trip). Keys travel as one binary blob of 16-byte keys.
+and touches are fire-and-forget, so a get costs at most one round trip). Keys travel as one binary
+blob of 16-byte keys.
 ConnectionServer is the threaded socket server that serves such frames: the agent's Unix socket and
 the cluster's peer links.
 """
