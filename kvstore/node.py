@@ -49,8 +49,6 @@ TIER_NAMES = {TIER_GPU: "gpu", TIER_CPU: "cpu", TIER_DISK: "disk", TIER_REMOTE: 
 DIR_BITS = {TIER_GPU: 1, TIER_CPU: 2, TIER_DISK: 4}
 MAX_NAMESPACE_ID = MAX_VALUE >> 8  # a directory value is ns_id << 8 | tier bits
 
-_FINAL_COMMIT_POLL_S = 0.005  # how long a connection polls for a put's final commit (AgentServer)
-
 # Reserve status codes (instead of an offset).
 RESERVE_EXISTS = -1  # already stored (or being written by someone else): nothing to write
 RESERVE_NO_SPACE = -2  # nothing evictable: everything is pinned, reserved or queued
@@ -1079,11 +1077,6 @@ class AgentServer:
                 op, reply = self._dispatch(conn, request)
                 if op not in NO_REPLY:
                     sock.sendall(pack(reply))
-                if op == "commit" and request[1].get("keep"):
-                    # The first part of a big put: its final commit follows once the client has copied
-                    # the last chunk (~1 ms for MBs). Waiting for it awake saves the wake-up of a halted
-                    # vCPU (0.2-0.8 ms here), which the put would otherwise wait through.
-                    frames.expect_s = _FINAL_COMMIT_POLL_S
         except (ConnectionClosed, ConnectionError, OSError):
             pass
         finally:

@@ -48,7 +48,6 @@ class FrameReader:
         # Poll the socket this long before blocking in recv: on virtual machines a vCPU that halts
         # while its thread waits costs hundreds of microseconds to wake, more than a whole request.
         self.busy_poll_s = busy_poll_s
-        self.expect_s = 0.0  # poll this long (if longer) for the next frame only: one is known to be due
         self._buf = bytearray(1 << 16)
         self._start = self._end = 0
 
@@ -98,8 +97,7 @@ class FrameReader:
                 self._buf[:len(unread)] = unread
                 self._start, self._end = 0, len(unread)
             with memoryview(self._buf) as view:
-                poll_s, self.expect_s = max(self.busy_poll_s, self.expect_s), 0.0
-                received = self._poll(view[self._end:], poll_s) if poll_s else None
+                received = self._poll(view[self._end:]) if self.busy_poll_s else None
                 if received is None:
                     received = self.sock.recv_into(view[self._end:])
             if received == 0:
@@ -108,9 +106,9 @@ class FrameReader:
             self._end += received
 
 
-    def _poll(self, view: memoryview, seconds: float) -> int | None:
-        """recv without blocking for up to `seconds`; None if nothing came (then block as usual)."""
-        deadline = time.perf_counter() + seconds
+    def _poll(self, view: memoryview) -> int | None:
+        """recv without blocking for up to busy_poll_s; None if nothing came (then block as usual)."""
+        deadline = time.perf_counter() + self.busy_poll_s
         flags = socket.MSG_DONTWAIT
         while True:
             try:

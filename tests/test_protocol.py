@@ -194,25 +194,3 @@ def test_commit_with_keep_publishes_named_slots_and_keeps_the_rest_reserved(agen
     with pytest.raises(NotFound):
         raise_for_reply(raw.call("commit", {"rid": credit["rid"], "named": {1: keys[1]}}))
     raw.close()
-
-
-def test_a_reader_told_a_frame_is_due_polls_for_that_one_frame_only():
-    """FrameReader.expect_s (the agent sets it after a put's first commit): the next read polls up to
-    that long before blocking; the setting is spent by that read."""
-    import threading
-
-    a, b = socket.socketpair()
-    try:
-        frames = FrameReader(b, 1 << 20)
-        polls: list[float] = []
-        poll = frames._poll
-        frames._poll = lambda view, seconds: polls.append(seconds) or poll(view, seconds)
-        frames.expect_s = 0.5
-        threading.Timer(0.01, lambda: a.sendall(pack(["commit", {"rid": 1}]))).start()
-        assert frames.read() == ["commit", {"rid": 1}]
-        assert polls == [0.5] and frames.expect_s == 0.0
-        a.sendall(pack(["stats", {}]))
-        assert frames.read() == ["stats", {}] and polls == [0.5]  # busy_poll_s is 0: no poll
-    finally:
-        a.close()
-        b.close()
