@@ -29,7 +29,7 @@ import torch
 
 from . import codec
 from .bytecopy import as_numpy, byte_rows
-from .codec import HEADER_BYTES, SERIAL_AT, ChunkHeader
+from .codec import CODEC_AT, HEADER_BYTES, KEY_AT, NAMESPACE_AT, PAYLOAD_LEN_AT, SERIAL_AT, ChunkHeader
 from .config import KVStoreConfig, load_config
 from .errors import AgentUnavailable, CorruptChunk, InvalidArgument, LeaseExpired
 from .keys import ChunkKey, Namespace, chunk_keys
@@ -37,13 +37,10 @@ from .layout import Geometry
 from .node import (DIR_BITS, RESERVE_EXISTS, RESERVE_NO_SPACE, TIER_CPU, TIER_DISK, TIER_GPU, TIER_NAMES,
                    TIER_REMOTE, _geometry_wire)
 from .protocol import NO_REPLY, PROTOCOL_VERSION, ConnectionClosed, FrameReader, pack, raise_for_reply
-from .tiers.cpu import map_arena
+from .tiers.cpu import LOCATION_UNIT, map_arena
 from .tiers.index import SharedIndexReader
 from .tiers.memory import pack_keys
-from .tiers.slab import SMALL_ALIGN
 
-# byte offsets in a chunk header (docs/chunk-format.md): codec id, payload length, namespace digest, key
-_CODEC_AT, _LEN_AT, _NAMES_AT, _KEY_AT = 6, 32, 48, 64
 _RAW = codec.CODEC_IDS["raw"]
 # Loads seen in program order (x86-64 keeps them so), which reading a slot without a pin relies on
 # (LocalClient._copy_published); other machines pin every chunk they read.
@@ -606,7 +603,7 @@ class LocalClient:
             for i, (offset, size) in enumerate(zip(reply["offsets"], reply["sizes"])):
                 if offset < 0:
                     continue
-                if arena[offset + _KEY_AT:offset + _KEY_AT + 16].tobytes() != keys[i]:
+                if arena[offset + KEY_AT:offset + KEY_AT + 16].tobytes() != keys[i]:
                     raise CorruptChunk(f"arena slot of chunk {i} holds another chunk")
                 slots.append((i, offset, size))
             yield slots
@@ -684,21 +681,22 @@ class LocalClient:
         rows = byte_rows(target)
         copied = 0
         for key, place in zip(keys, places):
-            offset = place * SMALL_ALIGN
+            offset = place * LOCATION_UNIT
             if place < 0 or offset + end > arena.size:
                 break
             stamp = (offset + SERIAL_AT) >> 3
             serial = int(words[stamp])
-            names = arena[offset + _NAMES_AT:offset + _KEY_AT + 16]  # the header's namespace, then key
-            if (serial == 0 or names.tobytes() != digest + key or arena[offset + _CODEC_AT] != _RAW
-                    or int(words[(offset + _LEN_AT) >> 3]) != nbytes):
+            names = arena[offset + NAMESPACE_AT:offset + KEY_AT + 16]  # the header's namespace, then key
+            expected = digest + key
+            if (serial == 0 or names.tobytes() != expected or arena[offset + CODEC_AT] != _RAW
+                    or int(words[(offset + PAYLOAD_LEN_AT) >> 3]) != nbytes):
                 break
             _copy_raw(arena[offset + HEADER_BYTES:offset + end], rows, target, copied)
-            if int(words[stamp]) != serial or names.tobytes() != digest + key:
+            if int(words[stamp]) != serial or names.tobytes() != expected:
                 break  # unpublished during the copy: pinned and copied again below
             copied += 1
         if copied:
-            self.conn.call("touch", {"ns": self.namespace.digest, "keys": b"".join(keys[:copied])})
+            self.conn.call("touch", {"ns": digest, "keys": b"".join(keys[:copied])})
         return copied
 
     def _copy_pinned(self, keys: Sequence[bytes], target: torch.Tensor, first: int) -> int:
@@ -709,7 +707,7 @@ class LocalClient:
         with self._pinned_slots(keys, True, first) as slots:
             rows = byte_rows(target)
             for n, (_, offset, size) in enumerate(slots):
-                if size == raw_size and arena[offset + _CODEC_AT] == _RAW:  # raw: one copy straight out
+                if size == raw_size and arena[offset + CODEC_AT] == _RAW:  # raw: one copy straight out
                     _copy_raw(arena[offset + HEADER_BYTES:offset + size], rows, target, n)
                 else:
                     header = ChunkHeader.unpack(arena[offset:offset + HEADER_BYTES])

@@ -40,11 +40,22 @@ CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 _HEADER = struct.Struct("<4sHBBIIIIBBHIQQ16s16s40x")
 _HEADER_CHECK = struct.Struct("<Q")
 assert _HEADER.size + _HEADER_CHECK.size == HEADER_BYTES
-# The u64 at SERIAL_AT is the CPU arena's stamp on a published slot (tiers/cpu.py): the agent writes it
-# in place after the header is checked, so the header checksum reads it as zero. Written as 0 elsewhere.
-SERIAL_AT = 112
+# Offsets of the fields read straight from a header in the arena, without unpacking it (client.py's
+# get): derived from _HEADER's layout, so they cannot drift from it.
+CODEC_AT = struct.calcsize("<4sH")
+PAYLOAD_LEN_AT = struct.calcsize("<4sHBBIIIIBBHI")
+NAMESPACE_AT = PAYLOAD_LEN_AT + 16  # after payload_len and payload_checksum
+KEY_AT = NAMESPACE_AT + 16
+# The u64 at SERIAL_AT (the reserved area's last 8 bytes) is the CPU arena's stamp on a published slot
+# (tiers/cpu.py): the agent writes it in place after the header is checked, so the header checksum reads
+# it as zero. Written as 0 elsewhere.
+SERIAL_AT = _HEADER.size - 8
 _NO_SERIAL = bytes(8)
-_KEY_AT = 64  # the key's offset in the header
+
+
+def _sealed(body: bytes) -> bytes:
+    """A packed header body (serial 0) followed by its header checksum."""
+    return body + _HEADER_CHECK.pack(xxhash.xxh3_64_intdigest(body))
 
 
 @functools.lru_cache(maxsize=256)
@@ -103,19 +114,18 @@ class ChunkHeader:
             g.head_dim, g.tokens, g.planes, self.flags, self.group, 0, self.payload_len,
             self.payload_checksum, self.namespace, self.key,
         )
-        return body + _HEADER_CHECK.pack(xxhash.xxh3_64_intdigest(body))
+        return _sealed(body)
 
     def key_packer(self) -> Callable[[bytes], bytes]:
         """pack() for headers equal to this one but for their key: the other fields are packed once, so
         each header costs a concatenation and its checksum (the put path writes one per chunk)."""
         body = self.pack()[:_HEADER.size]
-        head, tail = body[:_KEY_AT], body[_KEY_AT + 16:]
+        head, tail = body[:KEY_AT], body[KEY_AT + 16:]
 
         def pack_with_key(key: bytes) -> bytes:
             if len(key) != 16:
                 raise InvalidArgument("keys are 16 bytes")
-            keyed = head + key + tail
-            return keyed + _HEADER_CHECK.pack(xxhash.xxh3_64_intdigest(keyed))
+            return _sealed(head + key + tail)
 
         return pack_with_key
 

@@ -27,6 +27,7 @@ ARENA_PREFIX = "kvstore-arena-"
 
 
 LOCATIONS_NAME = "kvstore-locations"
+LOCATION_UNIT = SMALL_ALIGN  # the locations index holds a slot's offset in these units (slots align to it)
 # shared files named <prefix><agent pid>-<random>
 STALE_PREFIXES = (ARENA_PREFIX, "kvstore-directory-", f"{LOCATIONS_NAME}-")
 
@@ -124,7 +125,7 @@ class CpuTier(MemoryTier):
     """The shared-memory arena tier.
 
     It also publishes where each chunk lies, so a client can copy a chunk out without a round trip to
-    pin it: `locations`, a shared index of key -> slot offset / SMALL_ALIGN, and a serial stamped into
+    pin it: `locations`, a shared index of key -> slot offset / LOCATION_UNIT, and a serial stamped into
     the header of each published slot (docs/chunk-format.md). The serial is fresh for every publication
     and is zeroed before the slot is freed, so a reader who sees the same nonzero serial before and
     after its copy knows that no one wrote the slot meanwhile (client.py, LocalClient.get)."""
@@ -146,10 +147,10 @@ class CpuTier(MemoryTier):
             if not super().insert(key, offset, nbytes, ns_id, flags):
                 return False
             # A slot too small for a chunk header, or past 256 GiB of arena, is read pinned only.
-            if nbytes >= HEADER_BYTES and offset // SMALL_ALIGN <= MAX_VALUE:
+            if nbytes >= HEADER_BYTES and offset // LOCATION_UNIT <= MAX_VALUE:
                 self._words[(offset + SERIAL_AT) >> 3] = next(self._serials)
                 low, high = KEY_HALVES.unpack(key)
-                self.locations.set(low, high, offset // SMALL_ALIGN)
+                self.locations.set(low, high, offset // LOCATION_UNIT)
             return True
 
     def _remove(self, eid: int) -> bytes:
