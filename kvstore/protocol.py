@@ -25,8 +25,6 @@ from .errors import ERRORS_BY_CODE, InvalidArgument, KVStoreError, ProtocolError
 PROTOCOL_VERSION = 1
 _LEN = struct.Struct("<I")
 NO_REPLY = frozenset({"release", "abort", "touch"})
-OPS = frozenset({"hello", "register", "lookup", "contains", "reserve", "commit", "abort", "acquire",
-                 "release", "evict", "clear", "flush", "stats", "list"})
 
 
 class ConnectionClosed(EOFError):
