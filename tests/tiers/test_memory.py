@@ -823,4 +823,4 @@ def test_cpu_tier_does_not_stamp_a_slot_too_small_for_a_chunk_header(cpu_tier):
     tier, _ = cpu_tier()
     put(tier, key(1), HEADER_BYTES - 8)  # its last 8 bytes are where a header's serial would be
     assert tier.locations.get(*KEY_HALVES.unpack(key(1))) == -1  # read pinned only
-    assert_intact(tier, {key(1): HEADER_BYTES - 8})  # nothing written past or into it
+    assert_intact(tier, {key(1): HEADER_BYTES - 8})  # no stamp written into its last 8 bytes
