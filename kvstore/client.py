@@ -2,9 +2,9 @@
 
 Control goes over the agent's Unix socket, one round trip per request (not per chunk); data moves
 through the shared-memory arena that the client maps: a put is one copy of each chunk into its slot
-(a strided source is gathered straight into place), a get is one copy out of it (read in place with
-no round trip while the chunks are in the arena; or no copy, with `acquire`, which hands out views
-that stay valid until released).
+(a strided source is gathered straight into place; `put_async` returns before the agent has answered
+the commit), a get is one copy out of it (read in place with no round trip while the chunks are in
+the arena; or no copy, with `acquire`, which hands out views that stay valid until released).
 
     client = LocalClient(namespace=Namespace(model="SmolLM2-135M"), geometry=SMOLLM2_135M)
     keys = client.keys(tokens)
@@ -31,7 +31,7 @@ from . import codec
 from .bytecopy import as_numpy, byte_rows
 from .codec import CODEC_AT, HEADER_BYTES, KEY_AT, NAMESPACE_AT, PAYLOAD_LEN_AT, SERIAL_AT, ChunkHeader
 from .config import KVStoreConfig, load_config
-from .errors import AgentUnavailable, CorruptChunk, InvalidArgument, LeaseExpired
+from .errors import AgentUnavailable, CorruptChunk, InvalidArgument, KVStoreError, LeaseExpired
 from .keys import ChunkKey, Namespace, chunk_keys
 from .layout import Geometry
 from .node import (DIR_BITS, RESERVE_EXISTS, RESERVE_NO_SPACE, TIER_CPU, TIER_DISK, TIER_GPU, TIER_NAMES,
@@ -47,6 +47,9 @@ _RAW = codec.CODEC_IDS["raw"]
 _IN_ORDER_LOADS = platform.machine().lower() in ("x86_64", "amd64")
 _LEASE_MARGIN_S = 1.0  # stop touching a slot this long before the agent may reclaim it
 _MAX_CREDIT = 64  # slots a client keeps reserved for its next put
+# Puts of one client in flight at once (put_async), and so credits it may hold: while the agent commits
+# one put, the next is copied into slots reserved by the commit before.
+_PUT_WINDOW = 2
 _CREDIT_MEMORY = 16  # puts whose sizes the next credit's size is chosen from
 # A credit put of at least this many bytes commits all its chunks but the last while it copies the last
 # (the agent's ~1 ms commit then overlaps the copy); a smaller one is not worth a second message.
@@ -110,18 +113,90 @@ class PendingPut:
         return [(i, offset) for i, offset in enumerate(self.offsets) if offset >= 0]
 
 
-class Pipeline:
-    """Requests sent on one connection before their replies are read (AgentConnection.pipeline)."""
+@dataclass
+class _Commits:
+    """The commits sent for one PendingPut; its outcome reads their replies."""
 
-    def __init__(self, conn: "AgentConnection"):
+    pending: PendingPut
+    replies: list["Reply"]
+
+    def outcome(self) -> tuple[int, int, int, list]:
+        """(stored, existing, no_space, errors); raises a commit's typed error."""
+        return _put_outcome(self.pending, [reply.result() for reply in self.replies])
+
+
+class PutHandle:
+    """A put whose chunks are in the arena and whose commits are on their way to the agent
+    (LocalClient.put_async)."""
+
+    def __init__(self, batches: list[tuple[int, _Commits]]):
+        self._batches = batches  # (index of the batch's first key in the put, its commits)
+
+    def done(self) -> bool:
+        """Every commit is answered: result() returns without waiting."""
+        return all(reply.done() for _, commits in self._batches for reply in commits.replies)
+
+    def wait(self) -> None:
+        """Wait until every commit is answered (errors are kept for result())."""
+        for _, commits in self._batches:
+            for reply in commits.replies:
+                reply.wait()
+
+    def result(self) -> PutResult:
+        """The put's outcome, once the agent has published its chunks; raises a commit's typed error."""
+        totals = [0, 0, 0]
+        errors: list[tuple[int, str, str]] = []
+        for start, commits in self._batches:
+            stored, existing, no_space, errs = commits.outcome()
+            totals = [totals[0] + stored, totals[1] + existing, totals[2] + no_space]
+            errors.extend((start + i, code, msg) for i, code, msg in errs)
+        return PutResult(*totals, errors=tuple(errors))
+
+
+class Reply:
+    """The reply to a request sent with `AgentConnection.submit`. It is read off the socket when
+    `result()` asks for it, or earlier, when a later request needs the socket: the agent answers a
+    connection's requests in order, so every reply before one's own is read first."""
+
+    __slots__ = ("op", "_conn", "_on_result", "_done", "_value", "_error")
+
+    def __init__(self, conn: "AgentConnection", op: str, on_result: Callable[[dict], None] | None = None):
+        self.op = op
         self._conn = conn
-        self.sent: list[str] = []
-        self.results: list = []
+        self._on_result = on_result  # called with the result once read (under the connection's lock)
+        self._done = False
+        self._value = None
+        self._error: Exception | None = None
 
-    def send(self, op: str, args: dict) -> None:
-        self._conn._send(op, args)
-        if op not in NO_REPLY:
-            self.sent.append(op)
+    def _settle(self, frame=None, error: Exception | None = None) -> None:
+        if error is None:
+            try:
+                self._value = raise_for_reply(frame)
+            except KVStoreError as exc:
+                error = exc
+        self._error = error
+        self._done = True
+        if error is None and self._on_result is not None:
+            self._on_result(self._value)
+
+    def done(self) -> bool:
+        return self._done
+
+    def wait(self) -> None:
+        """Read up to this reply; an error (a lost connection too) is kept for result()."""
+        if not self._done:
+            try:
+                self._conn.read_until(self)
+            except AgentUnavailable:
+                pass  # the connection closed: every unread reply is settled with that error
+
+    def result(self):
+        """The reply's result; raises its typed error (AgentUnavailable if the connection was lost)."""
+        if not self._done:
+            self._conn.read_until(self)
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 class AgentConnection:
@@ -139,6 +214,7 @@ class AgentConnection:
         self._sock: socket.socket | None = None
         self._arena_path: str | None = None
         self._lock = threading.RLock()  # one request/reply exchange at a time on the socket
+        self._unread: deque[Reply] = deque()  # submitted requests whose replies are not read yet
         self.connect()
 
     def connect(self) -> None:
@@ -205,24 +281,39 @@ class AgentConnection:
         self._send(op, args)
         if op in NO_REPLY:
             return None
+        self._read_unread()
         reply = self._read(op)
         if timeout is not None and self._sock is not None:
             self._sock.settimeout(self.timeout)
         return raise_for_reply(reply)
 
-    @contextmanager
-    def pipeline(self) -> Iterator["Pipeline"]:
-        """Requests sent one after another, their replies read when the block ends (the agent answers
-        a connection's requests in order), so the agent works on one while the caller goes on.
-        The socket is held for the whole block. After it, `results` holds each reply's result; a
-        failed reply raises its error once every reply is read (the stream stays in step)."""
+    def submit(self, op: str, args: dict, on_result: Callable[[dict], None] | None = None) -> Reply:
+        """Send a request now and read its reply later (Reply.result), so the agent works on it while
+        the caller goes on. `on_result` sees the result as soon as it is read. Thread-safe."""
         with self._lock:
-            pipe = Pipeline(self)
-            try:
-                yield pipe
-            finally:
-                replies = [self._read(op) for op in pipe.sent]
-            pipe.results = [raise_for_reply(reply) for reply in replies]
+            self._send(op, args)
+            reply = Reply(self, op, on_result)
+            self._unread.append(reply)
+            return reply
+
+    def read_until(self, reply: Reply) -> None:
+        """Read replies off the socket, in order, until `reply`'s."""
+        with self._lock:
+            while not reply.done() and self._unread:
+                self._read_next()
+
+    def _read_unread(self) -> None:
+        while self._unread:
+            self._read_next()
+
+    def _read_next(self) -> None:
+        reply = self._unread.popleft()
+        try:
+            frame = self._read(reply.op)
+        except AgentUnavailable as exc:
+            reply._settle(error=exc)
+            raise
+        reply._settle(frame)
 
     def _send(self, op: str, args: dict) -> None:
         if self._sock is None:
@@ -254,6 +345,9 @@ class AgentConnection:
                 self._sock.close()
             finally:
                 self._sock = None
+        while self._unread:  # their replies went with the socket
+            reply = self._unread.popleft()
+            reply._settle(error=AgentUnavailable(f"connection to the agent closed before the reply to {reply.op}"))
 
 
 class LocalClient:
@@ -270,14 +364,20 @@ class LocalClient:
         self.namespace = namespace
         self.geometry = geometry
         self.codec = codec_name
-        self._credit: dict | None = None  # arena slots reserved by the last commit for the next put
+        # Arena slots reserved by earlier commits for the next puts (at most _PUT_WINDOW), and the
+        # commits sent that reserve more. Lock order: the connection's lock, then this one.
+        self._credits: deque[dict] = deque()
+        self._renewals: deque[Reply] = deque()
+        self._in_flight: deque[PutHandle] = deque()  # puts whose commits may be unanswered
         self._credit_lock = threading.Lock()  # begin_put and commit_put may run on different threads
         self._recent_puts: deque[int] = deque(maxlen=_CREDIT_MEMORY)  # chunks in each recent put
         self._header_packers: dict[tuple[int, int], Callable[[bytes], bytes]] = {}
         self.conn = AgentConnection(socket_path, timeout, cfg, on_connect=self._register)
 
     def _register(self, conn: AgentConnection) -> None:
-        self._credit = None  # a new connection: slots of the old one are gone
+        with self._credit_lock:  # a new connection: slots of the old one are gone
+            self._credits.clear()
+            self._renewals.clear()
         self.ns_id = conn.call("register", {"ns": self.namespace.digest, "geometry": _geometry_wire(self.geometry),
                                             "description": _describe(self.namespace)})
 
@@ -293,6 +393,10 @@ class LocalClient:
         return self.conn.call(op, args, timeout)
 
     def close(self) -> None:
+        """Wait for the commits of puts still in flight (so their chunks are published), then close."""
+        for handle in self._in_flight:
+            handle.wait()
+        self._in_flight.clear()
         self.conn.close()
 
     def __enter__(self) -> "LocalClient":
@@ -375,8 +479,21 @@ class LocalClient:
 
     # ---- put -------------------------------------------------------------------------------------
     def put(self, keys: Sequence[bytes], chunks: torch.Tensor | Sequence[torch.Tensor]) -> PutResult:
-        """Store `chunks[i]` (canonical layout, the geometry's shape and dtype) under `keys[i]`.
-        Chunks already stored are not written again."""
+        """Store `chunks[i]` (canonical layout, the geometry's shape and dtype) under `keys[i]`, and return
+        once the agent has published them. Chunks already stored are not written again."""
+        return self._put(keys, chunks, overlap=False).result()
+
+    def put_async(self, keys: Sequence[bytes], chunks: torch.Tensor | Sequence[torch.Tensor]) -> PutHandle:
+        """As `put`, but return once the chunks are copied into the arena and their commits sent: the
+        caller may reuse `chunks` at once; the agent publishes the chunks before it answers any later
+        request of this client; `result()` of the handle gives the PutResult (or raises the error).
+        A stream of puts (an engine saving request after request) so keeps the agent's commit, and
+        the wake-up of its process, off the copying thread's path. At most _PUT_WINDOW puts are in
+        flight: the next one first waits for the oldest."""
+        return self._put(keys, chunks, overlap=True)
+
+    def _put(self, keys: Sequence[bytes], chunks: torch.Tensor | Sequence[torch.Tensor], overlap: bool) -> PutHandle:
+        """Copy the chunks in and send their commits; `overlap`: the caller goes on before the replies."""
         if isinstance(chunks, torch.Tensor):
             if chunks.dim() == len(self.geometry.shape):
                 chunks = chunks.unsqueeze(0)
@@ -386,14 +503,25 @@ class LocalClient:
                 self._check_chunks(tuple(chunk.shape), chunk.dtype, chunk.device)
         if len(chunks) != len(keys):
             raise InvalidArgument(f"{len(keys)} keys but {len(chunks)} chunks")
-        totals = [0, 0, 0]
-        errors: list[tuple[int, str, str]] = []
-        for start in range(0, len(keys), self.max_batch):
-            stored, existing, no_space, errs = self._put_batch(keys[start:start + self.max_batch],
-                                                               chunks[start:start + self.max_batch])
-            totals = [totals[0] + stored, totals[1] + existing, totals[2] + no_space]
-            errors.extend((start + i, code, msg) for i, code, msg in errs)
-        return PutResult(*totals, errors=tuple(errors))
+        self._wait_for_window()
+        handle = PutHandle([(start, self._put_batch(keys[start:start + self.max_batch],
+                                                    chunks[start:start + self.max_batch], overlap))
+                            for start in range(0, len(keys), self.max_batch)])
+        with self._credit_lock:
+            self._in_flight.append(handle)
+        return handle
+
+    def _wait_for_window(self) -> None:
+        """Forget answered puts; with _PUT_WINDOW still in flight, wait for the oldest."""
+        while True:
+            with self._credit_lock:
+                if not self._in_flight:
+                    return
+                oldest = self._in_flight[0]
+                if not oldest.done() and len(self._in_flight) < _PUT_WINDOW:
+                    return
+                self._in_flight.popleft()
+            oldest.wait()
 
     def _check_chunks(self, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
         if shape != self.geometry.shape or dtype != self.geometry.torch_dtype:
@@ -402,7 +530,7 @@ class LocalClient:
         if device.type != "cpu":
             raise InvalidArgument("LocalClient.put takes CPU tensors (the GPU tier has its own path)")
 
-    def _put_batch(self, keys, chunks):
+    def _put_batch(self, keys, chunks, overlap: bool) -> _Commits:
         if self.codec == "raw":
             pending = self.begin_put(keys)
             rows = byte_rows(chunks) if isinstance(chunks, torch.Tensor) else None
@@ -420,9 +548,9 @@ class LocalClient:
             slots = pending.slots()
             if (pending.named is not None and len(slots) > 1
                     and sum(pending.sizes[i] for i, _ in slots) >= PIPELINE_MIN_BYTES):
-                return self._commit_ahead(pending, slots, write)
+                return self._commit_ahead(pending, slots, write, overlap)
             write(slots)
-            return self.commit_put(pending)
+            return self._commit(pending, overlap)
         encoded = [codec.encode(chunk, self.codec) for chunk in chunks]
         pending = self.begin_put(keys, [HEADER_BYTES + payload.numel() for payload, _ in encoded],
                                  group=encoded[0][1] if encoded else 0)
@@ -430,21 +558,20 @@ class LocalClient:
         for i, offset in pending.slots():
             payload = as_numpy(encoded[i][0])
             arena[offset + HEADER_BYTES:offset + HEADER_BYTES + payload.size] = payload
-        return self.commit_put(pending)
+        return self._commit(pending, overlap)
 
     def begin_put(self, keys: Sequence[bytes], sizes: list[int] | None = None, group: int = 0) -> "PendingPut":
         """Arena slots for `keys` (chunk sizes `sizes`, header included; raw chunks by default), to be
         filled by the caller and then published with `commit_put`. Keys the shared directory shows as
-        stored get no slot. Costs no round trip when the last commit left a credit that fits.
+        stored get no slot. Costs no round trip when an earlier commit left a credit that fits.
         Safe to call from one thread while another commits."""
         if len(keys) > self.max_batch:
-            raise InvalidArgument(f"a put takes at most {self.max_batch} chunks at once")
+            raise InvalidArgument(f"a put takes at most {self.max_batch} keys at once")
         keys = list(keys)
         if sizes is None:
             sizes = [HEADER_BYTES + self.geometry.nbytes] * len(keys)
-        with self._credit_lock:
-            credit, self._credit = self._credit, None
-        if credit is not None and credit_fits(credit, sizes):
+        credit = self._next_credit(sizes)
+        if credit is not None:
             # Write into slots reserved by an earlier commit and name the keys at commit.
             # Chunks the shared directory shows as stored are skipped (the agent re-checks at commit).
             free = iter(enumerate(credit["offsets"]))
@@ -457,44 +584,85 @@ class LocalClient:
                 offsets.append(offset)
                 named[slot] = key
             return PendingPut(credit["rid"], keys, offsets, sizes, group, named, credit["deadline"], credit)
-        if credit is not None:
-            self._call("abort", {"rid": credit["rid"]})
         sent = time.monotonic()
         reply = self._call("reserve", {"ns": self.namespace.digest, "keys": b"".join(keys), "sizes": sizes})
         return PendingPut(reply["rid"], keys, reply["offsets"], sizes, group, None,
                           _lease_deadline(sent, reply["ttl"]))
 
-    def _commit_ahead(self, pending: "PendingPut", slots: list[tuple[int, int]], write):
-        """Write and commit a credit put in two parts, pipelined: the agent publishes every chunk but
-        the last, and reserves the next put's credit, while this process copies the last chunk; so
-        only the last chunk's commit is waited for. (Measured with the credit still renewed by the last
-        commit, 8 chunks of 5.9 MB per put: 38.2 ms per 32 chunks, against 39.4 ms committing the first
-        half ahead and 41.7 ms all at the end; moving the renewal ahead took bench tiers' put from
+    def _next_credit(self, sizes: list[int]) -> dict | None:
+        """A held credit that serves a put of `sizes` (waiting, if none is held, for a commit already sent
+        that reserves one), or None. Credits too small or expired are given back."""
+        while True:
+            unfit, credit, renewal = [], None, None
+            with self._credit_lock:
+                while self._credits and credit is None:
+                    candidate = self._credits.popleft()
+                    if credit_fits(candidate, sizes):
+                        credit = candidate
+                    else:
+                        unfit.append(candidate)
+                while self._renewals and self._renewals[0].done():
+                    self._renewals.popleft()
+                if credit is None and self._renewals:
+                    renewal = self._renewals[0]
+            for stale in unfit:
+                self._call("abort", {"rid": stale["rid"]})
+            if renewal is None:
+                return credit
+            renewal.wait()
+
+    def _commit_ahead(self, pending: "PendingPut", slots: list[tuple[int, int]], write, overlap: bool) -> _Commits:
+        """Write and commit a credit put in two parts: the agent publishes every chunk but the last, and
+        reserves the next put's credit, while this process copies the last chunk; so only the last
+        chunk's commit is left to wait for. (Measured with the credit still renewed by the last commit,
+        8 chunks of 5.9 MB per put: 38.2 ms per 32 chunks, against 39.4 ms committing the first half
+        ahead and 41.7 ms all at the end; moving the renewal ahead took bench tiers' put from
         0.743-0.771 to 0.772-0.778 x memcpy.)"""
         ahead = len(slots) - 1
         named = list(pending.named.items())  # (credit slot, key) in the order of `slots`
-        with self.conn.pipeline() as pipe:
+        renew = self._credit_sizes(pending.sizes)
+        replies = []
+        for part, extra in ((slice(0, ahead), {"keep": True, "renew": renew}), (slice(ahead, None), {})):
+            write(slots[part])
+            self._write_headers(pending, slots[part])
+            self._abort_if_expired(pending)
+            replies.append(self._submit_commit({"rid": pending.rid, "named": dict(named[part]), **extra},
+                                               pending.sizes[0]))
+        if overlap:
+            self._top_up_credits(renew, pending.sizes[0])
+        return _Commits(pending, replies)
 
-            def commit_part(part: slice, **extra) -> float:
-                """Write and commit slots[part]; returns when the commit was sent."""
-                write(slots[part])
-                self._write_headers(pending, slots[part])
-                self._abort_if_expired(pending, pipe.send)
-                sent = time.monotonic()
-                pipe.send("commit", {"rid": pending.rid, "named": dict(named[part]), **extra})
-                return sent
+    def _top_up_credits(self, sizes: list[int], size: int) -> None:
+        """For puts that overlap (put_async): while fewer credits are held or coming than puts may be in
+        flight, reserve one more without waiting, so the next put need not wait for this one's reply."""
+        with self._credit_lock:
+            short = len(self._credits) + sum(not r.done() for r in self._renewals) < _PUT_WINDOW
+        if sizes and short:
+            self._credit_reply("reserve", {"ns": self.namespace.digest, "sizes": sizes},
+                               lambda result: result, size)
 
-            sent = commit_part(slice(0, ahead), keep=True, renew=self._credit_sizes(pending.sizes))
-            commit_part(slice(ahead, None))
-        self._take_credit(pipe.results[0].get("next"), pending.sizes[0], sent)
-        return _put_outcome(pending, pipe.results)
+    def _submit_commit(self, args: dict, size: int) -> "Reply":
+        """Send a commit of chunks of `size` bytes; with a `renew` it reserves a credit, kept when its
+        reply is read."""
+        if not args.get("renew"):
+            args.pop("renew", None)
+            return self.conn.submit("commit", args)
+        return self._credit_reply("commit", args, lambda result: result.get("next"), size)
 
-    @staticmethod
-    def _abort_if_expired(pending: "PendingPut", send) -> None:
-        """Past its deadline the agent may hand the slots to someone else: give them back (`send`:
-        `_call` or a pipeline's send) and raise LeaseExpired instead of committing what they hold."""
+    def _credit_reply(self, op: str, args: dict, granted: Callable[[dict], dict | None], size: int):
+        """Send a request that reserves a credit (`granted` picks it from the result) and keep the credit
+        when the reply is read; until then, begin_put may wait for it."""
+        sent = time.monotonic()
+        reply = self.conn.submit(op, args, on_result=lambda result: self._take_credit(granted(result), size, sent))
+        with self._credit_lock:
+            self._renewals.append(reply)
+        return reply
+
+    def _abort_if_expired(self, pending: "PendingPut") -> None:
+        """Past its deadline the agent may hand the slots to someone else: give them back and raise
+        LeaseExpired instead of committing what they hold."""
         if time.monotonic() > pending.deadline:
-            send("abort", {"rid": pending.rid})
+            self._call("abort", {"rid": pending.rid})
             raise LeaseExpired("reservation expired before the chunks were written")
 
     def _write_headers(self, pending: "PendingPut", slots: list[tuple[int, int]]) -> None:
@@ -516,7 +684,7 @@ class LocalClient:
         return packer
 
     def _take_credit(self, granted: dict | None, size: int, sent: float) -> None:
-        """Keep the credit a commit reserved for the next put, or give back one the arena could not fill."""
+        """Keep the credit a commit reserved for a later put, or give back one the arena could not fill."""
         if granted and all(o >= 0 for o in granted["offsets"]):
             self._keep_credit({"rid": granted["rid"], "offsets": granted["offsets"], "size": size,
                                "deadline": _lease_deadline(sent, granted["ttl"])})
@@ -535,27 +703,34 @@ class LocalClient:
     def commit_put(self, pending: "PendingPut") -> tuple[int, int, int, list]:
         """Write the chunk headers and publish the filled slots of `pending`:
         (stored, existing, no_space, errors)."""
+        return self._commit(pending).outcome()
+
+    def _commit(self, pending: "PendingPut", overlap: bool = False) -> _Commits:
+        """Write the chunk headers of `pending` and send its commit (renewing the credit); `overlap`: the
+        caller goes on before the reply (put_async)."""
         if pending.credit is not None and not pending.named:
             self._keep_credit(pending.credit)  # nothing written: the slots serve the next put
-            return _put_outcome(pending, [])
+            return _Commits(pending, [])
         if not pending.slots():  # every key stored already or without space
-            return _put_outcome(pending, [])
-        self._abort_if_expired(pending, self._call)
+            return _Commits(pending, [])
+        self._abort_if_expired(pending)
         self._write_headers(pending, pending.slots())
-        args = {"rid": pending.rid, "renew": self._credit_sizes(pending.sizes)}
+        renew = self._credit_sizes(pending.sizes)
+        args = {"rid": pending.rid, "renew": renew}
         if pending.named is not None:
             args["named"] = pending.named
-        sent = time.monotonic()
-        result = self._call("commit", args)
-        self._take_credit(result.get("next"), pending.sizes[0], sent)
-        return _put_outcome(pending, [result])
+        commits = _Commits(pending, [self._submit_commit(args, pending.sizes[0])])
+        if overlap:
+            self._top_up_credits(renew, pending.sizes[0])
+        return commits
 
     def _keep_credit(self, credit: dict) -> None:
-        """Hold `credit` for the next put; one held already (another thread's commit) is given back."""
+        """Hold `credit` for a later put; past _PUT_WINDOW held, the oldest is given back."""
         with self._credit_lock:
-            credit, self._credit = self._credit, credit
-        if credit is not None:
-            self._call("abort", {"rid": credit["rid"]})
+            self._credits.append(credit)
+            extra = self._credits.popleft() if len(self._credits) > _PUT_WINDOW else None
+        if extra is not None:
+            self._call("abort", {"rid": extra["rid"]})
 
     def _credit_sizes(self, sizes: list[int]) -> list[int]:
         """Sizes of the credit to reserve for the next put, if this one's chunks have one size: as many

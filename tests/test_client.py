@@ -258,6 +258,78 @@ def test_a_big_credit_put_commits_its_chunks_but_the_last_while_it_writes_the_la
     assert observer.stats()["reservations"] == 1  # only client's renewed credit is held
 
 
+def test_a_stream_of_put_async_is_stored_in_order_and_holds_at_most_two_credits(agent):
+    client = agent.client()
+    streams = [client.keys(tokens(3, start=i * 1000)) for i in range(6)]
+    handles = [client.put_async(keys, small_chunks(3, seed=i)) for i, keys in enumerate(streams)]
+    # the get's acquire (or its in-place read, once the agent published them) comes after the commits
+    assert torch.equal(client.get(streams[5]), small_chunks(3, seed=5))
+    assert [handle.result().stored for handle in handles] == [3] * 6
+    assert [client.lookup(keys).chunks for keys in streams] == [3] * 6
+    for i, keys in enumerate(streams):
+        assert torch.equal(client.get(keys), small_chunks(3, seed=i))
+    again = client.put_async(streams[0], small_chunks(3, seed=0)).result()
+    assert (again.stored, again.existing) == (0, 3)
+    assert client.stats()["reservations"] <= 2  # credits for at most two puts in flight
+
+
+def test_put_async_reports_a_rejected_chunk_by_its_index_in_the_whole_put(agent, monkeypatch):
+    client = agent.client()
+    keys = client.keys(tokens(3))
+    write_headers = client._write_headers
+
+    def one_bad_header(pending, slots):
+        write_headers(pending, slots)
+        for i, offset in slots:
+            if pending.keys[i] == keys[2]:
+                client.conn.arena_np[offset + 64:offset + 80] = 0  # its key: the header checksum fails
+
+    monkeypatch.setattr(client, "_write_headers", one_bad_header)
+    monkeypatch.setattr(client.conn, "max_batch", 2)  # keys[2] goes in the put's second batch
+    result = client.put_async(keys, small_chunks(3)).result()
+    assert result.stored == 2 and [(i, code) for i, code, _ in result.errors] == [(2, "corrupt_chunk")]
+    monkeypatch.undo()
+    assert client.contains(keys) == [True, True, False]
+    assert client.put(keys, small_chunks(3)).stored == 1  # the agent kept serving; nothing lost
+
+
+def test_put_async_returns_before_the_agent_answers_and_fails_cleanly_if_it_dies(tmp_path):
+    import signal
+
+    config = write_config(tmp_path, agent_settings(tmp_path))
+    socket_path = str(tmp_path / "agent.sock")
+    agent = spawn_agent(config, socket_path)
+    try:
+        client = LocalClient(SMALL_NS, SMALL, socket_path=socket_path, timeout=5)
+        client.put(client.keys(tokens(2)), small_chunks(2))  # a credit: the next put needs no reply
+        agent.send_signal(signal.SIGSTOP)  # from here the agent answers nothing until SIGCONT
+        keys = client.keys(tokens(2, start=5000))
+        handle = client.put_async(keys, small_chunks(2, seed=1))
+        assert not handle.done()
+        agent.send_signal(signal.SIGCONT)
+        assert handle.result().stored == 2
+        assert torch.equal(client.get(keys), small_chunks(2, seed=1))
+
+        agent.send_signal(signal.SIGSTOP)
+        handle = client.put_async(client.keys(tokens(2, start=9000)), small_chunks(2))
+        assert not handle.done()
+        agent.kill()  # the commit sent is never answered
+        agent.wait()
+        with pytest.raises(AgentUnavailable):
+            handle.result()
+    finally:
+        stop_agent(agent)
+
+
+def test_close_waits_for_the_commits_of_puts_in_flight(agent):
+    client = agent.client()
+    keys = client.keys(tokens(4))
+    client.put_async(keys, small_chunks(4))
+    client.close()
+    with agent.client() as other:
+        assert torch.equal(other.get(keys), small_chunks(4))
+
+
 def test_a_short_put_keeps_a_credit_big_enough_for_the_next_full_one(agent):
     client = agent.client()
     sent = record_requests(client)
