@@ -4,9 +4,12 @@ All figures come from one run on the same chunk bytes. This machine's throughput
 (shared hosts), so each figure is the median of several trials, and every store trial is interleaved
 with its baseline trial so both see the same conditions:
 - memcpy_gbps: numpy copy of the same chunks (the same working set, chunk by chunk) into a second buffer;
-- cpu_put_gbps / cpu_get_gbps: a client process (this one) putting / getting chunks through an agent
-  process: reserve + copy into the arena + commit, round trips included; and a copy out of the arena,
-  read in place (serial-checked) and reported by a one-way touch;
+- cpu_put_gbps: a client process (this one) streaming chunks into an agent process with put_async:
+  copies into slots its earlier commits reserved, and commits whose replies it reads while it copies
+  the next put (at most two puts in flight), every reply read before the clock stops;
+- cpu_put_sync_gbps: the same with put, which waits for each put's last commit before the next;
+- cpu_get_gbps: the chunks copied out of the arena with get, read in place (serial-checked) and
+  reported by a one-way touch;
 - disk_write_gbps: put + write-behind until flush() returns (the data is fsynced on disk);
 - disk_read_gbps: chunks evicted from the arena and dropped from the page cache, then acquired through
   the agent: read from disk into arena slots the client maps, checksum-verified, pinned, readable in
@@ -64,26 +67,44 @@ def _drop_page_cache(directory: str) -> None:
 
 
 def _cpu_trials(client: LocalClient, geometry: Geometry, data: torch.Tensor, batch: int, trials: int):
-    """Per trial: (memcpy s, put s, get s) for all of `data`, in requests of `batch` chunks."""
+    """Per trial: (memcpy s, put_async stream s, put s, get s) for all of `data`, in requests of `batch`
+    chunks. The two kinds of put take turns going first."""
     n = data.shape[0]
     out = torch.empty_like(data)
     scratch = np.empty((n, geometry.nbytes), dtype=np.uint8)
     scratch.fill(0)  # fault its pages in: the store's arena is pre-faulted too
     results = []
     for trial in range(trials):
-        keys = client.keys(np.arange(n * geometry.tokens) + trial * n * geometry.tokens)
+        streamed, waited = (client.keys(np.arange(n * geometry.tokens) + (2 * trial + side) * n * geometry.tokens)
+                            for side in (0, 1))
         memcpy_s = _memcpy_seconds(data, scratch)
-        start = time.perf_counter()
-        for i in range(0, n, batch):
-            result = client.put(keys[i:i + batch], data[i:i + batch])
-            if result.stored != len(keys[i:i + batch]):
-                raise RuntimeError(f"put stored {result.stored} of {len(keys[i:i + batch])}")
-        put_s = time.perf_counter() - start
+        if trial % 2:
+            put_s = _timed_put(client, waited, data, batch, stream=False)
+            stream_s = _timed_put(client, streamed, data, batch, stream=True)
+        else:
+            stream_s = _timed_put(client, streamed, data, batch, stream=True)
+            put_s = _timed_put(client, waited, data, batch, stream=False)
         out.zero_()
-        get_s = _timed_get(client, keys, data, out, batch)
-        client.evict(keys, tiers=("cpu",))
-        results.append((memcpy_s, put_s, get_s))
+        get_s = _timed_get(client, streamed, data, out, batch)
+        client.evict(streamed + waited, tiers=("cpu",))
+        results.append((memcpy_s, stream_s, put_s, get_s))
     return results
+
+
+def _timed_put(client: LocalClient, keys, data: torch.Tensor, batch: int, stream: bool) -> float:
+    """Seconds to store every chunk, `batch` per request, until every commit is answered: with
+    put_async (`stream`) or with put."""
+    start = time.perf_counter()
+    if stream:
+        handles = [client.put_async(keys[i:i + batch], data[i:i + batch]) for i in range(0, len(keys), batch)]
+        results = [handle.result() for handle in handles]
+    else:
+        results = [client.put(keys[i:i + batch], data[i:i + batch]) for i in range(0, len(keys), batch)]
+    seconds = time.perf_counter() - start
+    stored = sum(result.stored for result in results)
+    if stored != len(keys):
+        raise RuntimeError(f"put stored {stored} of {len(keys)} chunks")
+    return seconds
 
 
 def _timed_get(client: LocalClient, keys, data: torch.Tensor, out: torch.Tensor, batch: int) -> float:
@@ -131,11 +152,13 @@ def run(args) -> dict:
                 _cpu_trials(client, geometry, data, batch, 1)  # warm-up
                 cpu = _cpu_trials(client, geometry, data, batch, cpu_trials)
         total = n_cpu * chunk_bytes
-        result["memcpy_gbps"] = _gbps(total, _median([m for m, _, _ in cpu]))
-        result["cpu_put_gbps"] = _gbps(total, _median([p for _, p, _ in cpu]))
-        result["cpu_get_gbps"] = _gbps(total, _median([g for _, _, g in cpu]))
-        result["cpu_put_vs_memcpy"] = round(_median([m / p for m, p, _ in cpu]), 3)
-        result["cpu_get_vs_memcpy"] = round(_median([m / g for m, _, g in cpu]), 3)
+        result["memcpy_gbps"] = _gbps(total, _median([m for m, _, _, _ in cpu]))
+        result["cpu_put_gbps"] = _gbps(total, _median([p for _, p, _, _ in cpu]))
+        result["cpu_put_sync_gbps"] = _gbps(total, _median([p for _, _, p, _ in cpu]))
+        result["cpu_get_gbps"] = _gbps(total, _median([g for _, _, _, g in cpu]))
+        result["cpu_put_vs_memcpy"] = round(_median([m / p for m, p, _, _ in cpu]), 3)
+        result["cpu_put_sync_vs_memcpy"] = round(_median([m / p for m, _, p, _ in cpu]), 3)
+        result["cpu_get_vs_memcpy"] = round(_median([m / g for m, _, _, g in cpu]), 3)
         del data
 
         # Disk tier: ~256 MiB per trial through write-behind, then cold reads through promotion.

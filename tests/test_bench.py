@@ -11,9 +11,9 @@ import sys
 
 from tests.conftest import clean_env
 
-TIERS_FIELDS = {"chunk_bytes", "memcpy_gbps", "cpu_put_gbps", "cpu_get_gbps", "disk_write_gbps", "disk_read_gbps",
-                "disk_raw_write_gbps", "disk_raw_read_gbps", "cpu_put_vs_memcpy", "cpu_get_vs_memcpy",
-                "disk_write_vs_raw", "disk_read_vs_raw"}
+TIERS_FIELDS = {"chunk_bytes", "memcpy_gbps", "cpu_put_gbps", "cpu_put_sync_gbps", "cpu_get_gbps", "disk_write_gbps",
+                "disk_read_gbps", "disk_raw_write_gbps", "disk_raw_read_gbps", "cpu_put_vs_memcpy",
+                "cpu_put_sync_vs_memcpy", "cpu_get_vs_memcpy", "disk_write_vs_raw", "disk_read_vs_raw"}
 CONTROL_FIELDS = {"lookup_p50_us", "lookup_p99_us", "lookup_hashes_p50_us", "agent_rpc_p50_us", "grpc_floor_p50_us"}
 
 
