@@ -7,10 +7,9 @@ key's high half over (value + 1) in the low 32 bits (0 there: a free slot). So a
 and a key is matched on 96 bits: all of its low half and the top of its high half (two distinct
 digests agree on those with odds 2^-96).
 
-A batch lookup reads the first-choice bucket of every key in one vectorised gather (one cache line per
-key), then the second-choice buckets of the keys not found there (few: inserts prefer the first
-choice). No probe loop and no Python object per key, so the garbage collector never walks the index,
-and once the table outgrows the caches a found key costs one memory read, mostly.
+A batch lookup reads both buckets of every key in one vectorised gather (two cache lines per key),
+so it costs the same whatever the table's load. No probe loop and no Python object per key, so the
+garbage collector never walks the index.
 
 A key is refused on insert when a live key in its buckets shares its low half, or when its low half is
 0 (the low half of a free slot). A freed slot is zeroed, so a stale slot never matches. Inserts take a
@@ -67,11 +66,18 @@ def find_slot(table: np.ndarray, low: int, high: int, any_high: bool = False) ->
 
 def lookup_lines(lines: np.ndarray, packed: np.ndarray) -> np.ndarray:
     """The batch lookup of [n, 2] uint64 keys in a table seen as one item per bucket (`_lines`; shared by
-    the writer and by read-only mappings): values, EMPTY where absent. First-choice buckets for all
-    keys, then second-choice buckets for the keys not found yet. A few keys (a put's batch) are looked
-    up one by one instead: the dozen numpy calls cost more than that for them (warm caches: 14 against
-    17 us at 8 keys, 22 against 16 at 12), more so right after a put's copy has evicted numpy's own
-    state from the caches."""
+    the writer and by read-only mappings): values, EMPTY where absent.
+
+    Both buckets of every key are gathered at once. Reading the first-choice buckets first and then
+    the second-choice buckets of the keys not found there reads fewer lines, but the second pass is a
+    dozen more numpy calls whenever one key of the batch sits in its second bucket: at 10^6 chunks
+    (~3% of keys there) most lookups of 128 keys, at 10^3 almost none. Timed alone (2,000 lookups of
+    128 stored keys, p50, three rounds): 52-70 us at 10^3 and 83-97 us at 10^6 in two passes; 58-64 and
+    73-78 us in one.
+
+    A few keys (a put's batch) are looked up one by one instead: the numpy calls cost more than that
+    for them (warm caches: 14 against 17 us at 8 keys, 22 against 16 at 12), more so right after a
+    put's copy has evicted numpy's own state from the caches."""
     if len(packed) == 0:
         return np.empty(0, dtype=np.int64)
     if len(packed) <= SCALAR_LOOKUP_MAX:
@@ -79,22 +85,15 @@ def lookup_lines(lines: np.ndarray, packed: np.ndarray) -> np.ndarray:
         return np.array([_value_at(table, find_slot(table, low, high)) for low, high in packed.tolist()],
                         dtype=np.int64)
     mask = np.uint64(len(lines) - 1)
-    values = _probe(lines, packed, packed[:, 0] & mask)
-    rest = np.flatnonzero(values < 0)
-    if rest.size:
-        keys = packed[rest]
-        values[rest] = _probe(lines, keys, (keys[:, 1] >> np.uint64(32)) & mask)
-    return values
-
-
-def _probe(lines: np.ndarray, packed: np.ndarray, buckets: np.ndarray) -> np.ndarray:
-    """Each key's value in its given bucket, EMPTY if not there: one cache line read per key (gathered as
-    whole 64-byte items: numpy copies those with fewer stalls than rows of a 2-D array)."""
-    rows = lines[buckets.astype(np.intp)].view(np.uint64).reshape(-1, 2 * WAYS)
-    tags = rows[:, WAYS:]
-    hit = (rows[:, :WAYS] == packed[:, :1]) & ((tags ^ packed[:, 1:]) < _TAG_SPAN)
-    # at most one slot hits; a free slot's value field is 0, so a miss (or a free slot) decodes to EMPTY
-    return np.where(hit, tags & _TAG_VALUE, 0).max(axis=1).astype(np.int64) - 1
+    buckets = np.concatenate((packed[:, 0] & mask, (packed[:, 1] >> np.uint64(32)) & mask))
+    # [choice, key, slot fields]: one 64-byte line per bucket, gathered as one item (numpy copies whole
+    # items with fewer stalls than rows of a 2-D array)
+    rows = lines[buckets.astype(np.intp)].view(np.uint64).reshape(2, len(packed), 2 * WAYS)
+    tags = rows[:, :, WAYS:]
+    hit = (rows[:, :, :WAYS] == packed[:, :1]) & ((tags ^ packed[:, 1:]) < _TAG_SPAN)
+    # a key sits in one slot (two while a kick moves it, with one value); a free slot's value field is 0,
+    # so a miss decodes to EMPTY
+    return np.where(hit, tags & _TAG_VALUE, 0).max(axis=(0, 2)).astype(np.int64) - 1
 
 
 def _map_table(buf, buckets: int) -> np.ndarray:
