@@ -548,21 +548,20 @@ class NodeStore:
         """Read disk hits straight into their arena slots (outside the lock), then index and pin them."""
         assert self.disk is not None
         self.disk.prefetch([key for _, key, _, _ in items])
+        results = self.disk.read_many([(key, self.cpu.view(offset, nbytes)) for _, key, offset, nbytes in items])
         done: list[tuple[int, bytes, int, int, bool]] = []
-        for index, key, offset, nbytes in items:
-            try:
-                header = self.disk.read_into(key, self.cpu.view(offset, nbytes))
-                ok = header.namespace == info.digest
-                if not ok:
-                    reasons[index] = "namespace"
-            except CorruptChunk:  # the disk tier has dropped it
-                ok = False
+        for (index, key, offset, nbytes), result in zip(items, results):
+            ok = isinstance(result, ChunkHeader) and result.namespace == info.digest
+            if isinstance(result, CorruptChunk):  # the disk tier has dropped it
                 reasons[index] = "checksum"
                 with self.lock:
                     self._unpublish([key], TIER_DISK)
-            except NotFound:  # evicted from disk since the plan was made
-                ok = False
+            elif isinstance(result, NotFound):  # evicted from disk since the plan was made
                 reasons[index] = "evicted"
+            elif isinstance(result, KVStoreError):
+                raise result
+            elif not ok:
+                reasons[index] = "namespace"
             done.append((index, key, offset, nbytes, ok))
         pinned = []
         with self.lock:

@@ -30,6 +30,7 @@ import re
 import struct
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence
@@ -39,7 +40,7 @@ import xxhash
 
 from ..codec import FLAG_TOMBSTONE, HEADER_BYTES, ChunkHeader
 from ..config import AUTO, DiskConfig, auto_disk_capacity
-from ..errors import CapacityExhausted, ConfigError, CorruptChunk, InvalidArgument, NotFound
+from ..errors import CapacityExhausted, ConfigError, CorruptChunk, InvalidArgument, KVStoreError, NotFound
 from ..layout import Geometry
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class DiskTier:
         self._direct = cfg.o_direct
         self._staging: memoryview | None = None
         self._read_staging = threading.local()
+        self._verify_pool: ThreadPoolExecutor | None = None  # read_many's checksums (started on first use)
         self._closed = False
         self._dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock_directory(self._dir)
@@ -179,6 +181,61 @@ class DiskTier:
         CorruptChunk the key is dropped, so it is a miss from then on.
         """
         out = memoryview(out).cast("B")
+        entry, segment = self._start_read(key, out)
+        outcome = "error"
+        try:
+            self._read_record(segment.fd, entry.offset, entry.nbytes, out)
+            header = self._verified(out, key, entry, segment)
+            outcome = "hit"
+            return header
+        except CorruptChunk:
+            outcome = "corrupt"
+            raise
+        finally:
+            self._finish_read(key, entry, segment, outcome)
+
+    def read_many(self, requests: Sequence[tuple[bytes, memoryview]]) -> list[ChunkHeader | KVStoreError]:
+        """read_into for each (key, out), in order; per request the verified header, or the NotFound,
+        InvalidArgument or CorruptChunk it raised. Each record is verified on a helper thread while the
+        next one is read (xxhash and preadv both let go of the GIL): hashing a 5.9 MB chunk takes
+        ~0.7 ms, during which a read in the same thread would leave the device waiting."""
+        results: list = [None] * len(requests)
+        verifying = []
+        try:
+            for i, (key, out) in enumerate(requests):
+                out = memoryview(out).cast("B")
+                try:
+                    entry, segment = self._start_read(key, out)
+                except KVStoreError as exc:
+                    results[i] = exc
+                    continue
+                try:
+                    self._read_record(segment.fd, entry.offset, entry.nbytes, out)
+                except BaseException:
+                    self._finish_read(key, entry, segment, "error")
+                    raise
+                verifying.append((i, key, entry, segment,
+                                  self._verifier().submit(self._verified, out, key, entry, segment)))
+        finally:  # every read started is finished, even when a later one failed
+            for i, key, entry, segment, future in verifying:
+                outcome = "error"
+                try:
+                    results[i] = future.result()
+                    outcome = "hit"
+                except CorruptChunk as exc:
+                    results[i], outcome = exc, "corrupt"
+                finally:
+                    self._finish_read(key, entry, segment, outcome)
+        return results
+
+    def _verifier(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._verify_pool is None:
+                self._verify_pool = ThreadPoolExecutor(1, thread_name_prefix="kvstore-disk-verify")
+            return self._verify_pool
+
+    def _start_read(self, key: bytes, out: memoryview) -> tuple["_Entry", "_Segment"]:
+        """The index entry of `key` and its segment, held open until _finish_read."""
         with self._lock:
             entry = self._index.get(key)
             if entry is None:
@@ -187,27 +244,27 @@ class DiskTier:
                 raise InvalidArgument(f"buffer of {len(out)} bytes is too small for a {entry.nbytes}-byte record")
             segment = self._segments[entry.segment]
             segment.readers += 1
-        outcome = "error"
+        return entry, segment
+
+    def _verified(self, record: memoryview, key: bytes, entry: "_Entry", segment: "_Segment") -> ChunkHeader:
         try:
-            self._read_record(segment.fd, entry.offset, entry.nbytes, out)
-            header = _verify_record(out, key, entry)
-            outcome = "hit"
-            return header
+            return _verify_record(record, key, entry)
         except CorruptChunk as exc:
-            outcome = "corrupt"
             log.warning("disk: chunk %s in %s at %d is corrupt: %s", key.hex(), segment.path.name, entry.offset, exc)
             raise
-        finally:
-            with self._lock:
-                self._end_read(segment)
-                self._counters["bytes_read"] += entry.nbytes
-                current = self._still_at(key, entry)
-                if outcome == "corrupt":
-                    self._counters["corrupt_reads"] += 1
-                    if current:
-                        self._forget(key)
-                elif outcome == "hit" and current and not entry.hit:
-                    self._index[key] = entry._replace(hit=True)
+
+    def _finish_read(self, key: bytes, entry: "_Entry", segment: "_Segment", outcome: str) -> None:
+        """Count a read ("hit", "corrupt" or "error"); a corrupt record leaves the index."""
+        with self._lock:
+            self._end_read(segment)
+            self._counters["bytes_read"] += entry.nbytes
+            current = self._still_at(key, entry)
+            if outcome == "corrupt":
+                self._counters["corrupt_reads"] += 1
+                if current:
+                    self._forget(key)
+            elif outcome == "hit" and current and not entry.hit:
+                self._index[key] = entry._replace(hit=True)
 
     def delete(self, keys: Sequence[bytes]) -> int:
         """Delete durably (tombstones, one batch, one fsync); returns how many of `keys` were present."""
@@ -294,6 +351,9 @@ class DiskTier:
                 self._staging.release()
                 staging_map.close()
             os.close(self._lock_fd)  # releases the flock
+            pool, self._verify_pool = self._verify_pool, None
+        if pool is not None:
+            pool.shutdown()
 
     # ---- writing ----------------------------------------------------------------------------------
 

@@ -239,6 +239,28 @@ def test_corrupt_sealed_record_becomes_a_miss(tmp_path, open_tier):
             assert_intact(tier, key, SMALL)
 
 
+def test_read_many_reads_in_order_and_reports_each_miss_in_its_place(tmp_path, open_tier):
+    tier = open_tier(config(tmp_path))
+    keys = [key_of(i) for i in range(15)]
+    tier.append([chunk(key, SMALL) for key in keys])
+    oldest = segment_files(tmp_path)[0]
+    offset, victim = records_in(oldest)[2]
+    flip_byte(oldest, offset + HEADER_BYTES + SMALL - 1)
+    wanted = keys[:6] + [key_of(999)]  # the victim among them, and a key never stored
+    buffers = [bytearray(HEADER_BYTES + SMALL) for _ in wanted]
+    buffers[1] = bytearray(HEADER_BYTES)  # too small for its record
+    results = tier.read_many([(key, memoryview(buf)) for key, buf in zip(wanted, buffers)])
+    kinds = [type(result).__name__ for result in results]
+    victim_at = wanted.index(victim.key)
+    assert kinds[1] == "InvalidArgument" and kinds[victim_at] == "CorruptChunk" and kinds[-1] == "NotFound"
+    for i, (key, result) in enumerate(zip(wanted, results)):
+        if kinds[i] == "ChunkHeader":
+            assert result.key == key and bytes(buffers[i][HEADER_BYTES:]) == payload_of(key, SMALL)
+    assert kinds.count("ChunkHeader") == 4
+    assert tier.contains([victim.key]) == [False] and tier.stats()["corrupt_reads"] == 1  # dropped, counted
+    assert_intact(tier, keys[1], SMALL)  # the refused buffer cost the chunk nothing
+
+
 def test_bad_header_in_sealed_segment_skips_rest_of_it(tmp_path, open_tier):
     keys = [key_of(i) for i in range(15)]
     tier = DiskTier(config(tmp_path))
