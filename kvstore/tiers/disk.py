@@ -139,7 +139,9 @@ class DiskTier:
     # ---- public API -------------------------------------------------------------------------------
 
     def append(self, chunks: Sequence[tuple[ChunkHeader, memoryview]]) -> None:
-        """Write a batch of (header, payload) durably (one fsync), then index it; a key written again replaces."""
+        """Write a batch of (header, payload) durably (one fsync), then index it; a key written again replaces.
+        A header that carries a payload checksum keeps it (a wrong one makes the record a miss on read,
+        never data); others get one computed here."""
         records = []
         for header, payload in chunks:
             payload = memoryview(payload).cast("B")
@@ -147,7 +149,8 @@ class DiskTier:
                 raise InvalidArgument(
                     f"bad chunk {header.key.hex()}: payload is {len(payload)} bytes, header says "
                     f"{header.payload_len}; keys are 16 bytes; tombstones are internal")
-            header = header.with_checksum(payload)
+            if not header.has_checksum:
+                header = header.with_checksum(payload)
             records.append((header, header.pack(), payload))
         batch_bytes = sum(_padded(header.total_len) for header, _, _ in records)
         if batch_bytes > self._capacity:

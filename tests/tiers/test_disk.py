@@ -261,6 +261,19 @@ def test_read_many_reads_in_order_and_reports_each_miss_in_its_place(tmp_path, o
     assert_intact(tier, keys[1], SMALL)  # the refused buffer cost the chunk nothing
 
 
+def test_append_keeps_a_given_checksum_so_a_wrong_one_is_a_miss_not_data(tmp_path, open_tier):
+    tier = open_tier(config(tmp_path))
+    good, bad = key_of(1), key_of(2)
+    header, payload = chunk(good)
+    given = header.with_checksum(payload)  # computed ahead, as write-behind's helper thread does
+    wrong = chunk(bad)[0].with_checksum(payload_of(good))  # a checksum of other bytes
+    tier.append([(given, payload), (wrong, chunk(bad)[1])])
+    assert_intact(tier, good)
+    with pytest.raises(CorruptChunk):
+        read(tier, bad)
+    assert tier.contains([good, bad]) == [True, False]
+
+
 def test_bad_header_in_sealed_segment_skips_rest_of_it(tmp_path, open_tier):
     keys = [key_of(i) for i in range(15)]
     tier = DiskTier(config(tmp_path))
