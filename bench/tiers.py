@@ -123,6 +123,16 @@ def _median(values) -> float:
     return float(np.median(np.asarray(values, dtype=float)))
 
 
+def _figures(nbytes: int, trials: list[tuple], names: tuple[str, ...], ratios: dict[str, tuple[int, int]]) -> dict:
+    """From per-trial seconds (one column per name): `{name}_gbps`, the median seconds' throughput; and
+    each ratio (baseline column, store column) as the median of the per-trial ratios."""
+    columns = list(zip(*trials))
+    figures = {f"{name}_gbps": _gbps(nbytes, _median(column)) for name, column in zip(names, columns)}
+    for field, (base, store) in ratios.items():
+        figures[field] = round(_median([b / s for b, s in zip(columns[base], columns[store])]), 3)
+    return figures
+
+
 def run(args) -> dict:
     geometry = Geometry.parse(args.geometry)
     chunk_bytes = geometry.nbytes
@@ -151,14 +161,9 @@ def run(args) -> dict:
                 log(f"cpu tier: {n_cpu} chunks of {chunk_bytes} bytes, {batch} per request, {cpu_trials} trials")
                 _cpu_trials(client, geometry, data, batch, 1)  # warm-up
                 cpu = _cpu_trials(client, geometry, data, batch, cpu_trials)
-        total = n_cpu * chunk_bytes
-        result["memcpy_gbps"] = _gbps(total, _median([m for m, _, _, _ in cpu]))
-        result["cpu_put_gbps"] = _gbps(total, _median([p for _, p, _, _ in cpu]))
-        result["cpu_put_sync_gbps"] = _gbps(total, _median([p for _, _, p, _ in cpu]))
-        result["cpu_get_gbps"] = _gbps(total, _median([g for _, _, _, g in cpu]))
-        result["cpu_put_vs_memcpy"] = round(_median([m / p for m, p, _, _ in cpu]), 3)
-        result["cpu_put_sync_vs_memcpy"] = round(_median([m / p for m, _, p, _ in cpu]), 3)
-        result["cpu_get_vs_memcpy"] = round(_median([m / g for m, _, _, g in cpu]), 3)
+        result.update(_figures(n_cpu * chunk_bytes, cpu, ("memcpy", "cpu_put", "cpu_put_sync", "cpu_get"),
+                               {"cpu_put_vs_memcpy": (0, 1), "cpu_put_sync_vs_memcpy": (0, 2),
+                                "cpu_get_vs_memcpy": (0, 3)}))
         del data
 
         # Disk tier: ~256 MiB per trial through write-behind, then cold reads through promotion.
@@ -186,13 +191,9 @@ def run(args) -> dict:
                         raw_w, raw_r = _raw_file_io(raw_path, data, batch_bytes)
                         write_s, read_s = _disk_trial(client, keys, data, batch, disk_dir)
                     disk.append((raw_w, raw_r, write_s, read_s))
-        total = n_disk * chunk_bytes
-        result["disk_write_gbps"] = _gbps(total, _median([w for _, _, w, _ in disk]))
-        result["disk_read_gbps"] = _gbps(total, _median([r for _, _, _, r in disk]))
-        result["disk_raw_write_gbps"] = _gbps(total, _median([w for w, _, _, _ in disk]))
-        result["disk_raw_read_gbps"] = _gbps(total, _median([r for _, r, _, _ in disk]))
-        result["disk_write_vs_raw"] = round(_median([rw / w for rw, _, w, _ in disk]), 3)
-        result["disk_read_vs_raw"] = round(_median([rr / r for _, rr, _, r in disk]), 3)
+        result.update(_figures(n_disk * chunk_bytes, disk,
+                               ("disk_raw_write", "disk_raw_read", "disk_write", "disk_read"),
+                               {"disk_write_vs_raw": (0, 2), "disk_read_vs_raw": (1, 3)}))
         return result
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -7,8 +7,10 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -120,6 +122,18 @@ def spawn_agent(config_path: Path, socket_path: str, env: dict | None = None) ->
             raise RuntimeError("agent did not start")
         time.sleep(0.05)
     return proc
+
+
+@contextmanager
+def agent_subprocess(tmp_path: Path, **overrides) -> Iterator[tuple[subprocess.Popen, str]]:
+    """A real `kvstore serve` subprocess with the test settings (and `overrides`): (process, socket
+    path); stopped afterwards, whatever the test did to it."""
+    settings = agent_settings(tmp_path, **overrides)
+    agent = spawn_agent(write_config(tmp_path, settings), settings["agent.socket_path"])
+    try:
+        yield agent, settings["agent.socket_path"]
+    finally:
+        stop_agent(agent)
 
 
 def stop_agent(proc: subprocess.Popen) -> int:

@@ -14,8 +14,7 @@ from kvstore.layout import Geometry
 from kvstore.client import LocalClient
 from kvstore.tiers.memory import pack_keys
 
-from .conftest import (SMALL, SMALL_NS, agent_settings, small_chunks, spawn_agent, stop_agent, tokens,
-                       write_config)
+from .conftest import SMALL, SMALL_NS, agent_subprocess, small_chunks, tokens
 
 
 def test_put_get_round_trip_is_byte_identical(agent):
@@ -209,10 +208,7 @@ def test_credit_put_first_writer_wins_and_credit_is_freed_on_disconnect(agent):
 
 
 def test_lookup_notices_a_killed_agent_although_its_directory_stays_mapped(tmp_path):
-    config = write_config(tmp_path, agent_settings(tmp_path))
-    socket_path = str(tmp_path / "agent.sock")
-    agent = spawn_agent(config, socket_path)
-    try:
+    with agent_subprocess(tmp_path) as (agent, socket_path):
         client = LocalClient(SMALL_NS, SMALL, socket_path=socket_path, timeout=5)
         keys = client.keys(tokens(2))
         client.put(keys, small_chunks(2))
@@ -223,8 +219,6 @@ def test_lookup_notices_a_killed_agent_although_its_directory_stays_mapped(tmp_p
         time.sleep(1.1)
         with pytest.raises(AgentUnavailable):
             client.lookup(keys)
-    finally:
-        stop_agent(agent)
 
 
 def test_a_big_credit_put_commits_its_chunks_but_the_last_while_it_writes_the_last(agent, monkeypatch):
@@ -296,10 +290,7 @@ def test_put_async_reports_a_rejected_chunk_by_its_index_in_the_whole_put(agent,
 def test_put_async_returns_before_the_agent_answers_and_fails_cleanly_if_it_dies(tmp_path):
     import signal
 
-    config = write_config(tmp_path, agent_settings(tmp_path))
-    socket_path = str(tmp_path / "agent.sock")
-    agent = spawn_agent(config, socket_path)
-    try:
+    with agent_subprocess(tmp_path) as (agent, socket_path):
         client = LocalClient(SMALL_NS, SMALL, socket_path=socket_path, timeout=5)
         client.put(client.keys(tokens(2)), small_chunks(2))  # a credit: the next put needs no reply
         agent.send_signal(signal.SIGSTOP)  # from here the agent answers nothing until SIGCONT
@@ -317,8 +308,6 @@ def test_put_async_returns_before_the_agent_answers_and_fails_cleanly_if_it_dies
         agent.wait()
         with pytest.raises(AgentUnavailable):
             handle.result()
-    finally:
-        stop_agent(agent)
 
 
 def test_close_waits_for_the_commits_of_puts_in_flight(agent):

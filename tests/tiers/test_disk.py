@@ -221,13 +221,20 @@ def test_torn_tail_is_cut_on_restart(tmp_path, open_tier):
     assert_intact(tier, bad.key, SMALL)
 
 
-def test_corrupt_sealed_record_becomes_a_miss(tmp_path, open_tier):
-    tier = open_tier(config(tmp_path))
+def with_a_rotten_record(tier: DiskTier, path: Path) -> tuple[list[bytes], ChunkHeader]:
+    """Append 15 small chunks, then flip the last payload byte of the third record on disk: (keys, the
+    header of the rotten record)."""
     keys = [key_of(i) for i in range(15)]
     tier.append([chunk(key, SMALL) for key in keys])
-    oldest = segment_files(tmp_path)[0]
+    oldest = segment_files(path)[0]
     offset, victim = records_in(oldest)[2]
     flip_byte(oldest, offset + HEADER_BYTES + SMALL - 1)
+    return keys, victim
+
+
+def test_corrupt_sealed_record_becomes_a_miss(tmp_path, open_tier):
+    tier = open_tier(config(tmp_path))
+    keys, victim = with_a_rotten_record(tier, tmp_path)
     with pytest.raises(CorruptChunk):
         read(tier, victim.key)
     assert tier.contains([victim.key]) == [False]
@@ -241,11 +248,7 @@ def test_corrupt_sealed_record_becomes_a_miss(tmp_path, open_tier):
 
 def test_read_many_reads_in_order_and_reports_each_miss_in_its_place(tmp_path, open_tier):
     tier = open_tier(config(tmp_path))
-    keys = [key_of(i) for i in range(15)]
-    tier.append([chunk(key, SMALL) for key in keys])
-    oldest = segment_files(tmp_path)[0]
-    offset, victim = records_in(oldest)[2]
-    flip_byte(oldest, offset + HEADER_BYTES + SMALL - 1)
+    keys, victim = with_a_rotten_record(tier, tmp_path)
     wanted = keys[:6] + [key_of(999)]  # the victim among them, and a key never stored
     buffers = [bytearray(HEADER_BYTES + SMALL) for _ in wanted]
     buffers[1] = bytearray(HEADER_BYTES)  # too small for its record
