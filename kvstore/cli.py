@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--geometry", default="layers=30,heads=3,head_dim=64,tokens=256,dtype=bf16",
                        help="chunk geometry for `tiers` (default: SmolLM2-135M, 256 tokens, bf16)")
     bench.add_argument("--chunks", type=int, default=0, help="chunks per measurement (0: automatic)")
-    bench.add_argument("--trials", type=int, default=5, help="`tiers`: trials per figure (median reported)")
+    bench.add_argument("--trials", type=int, default=7, help="`tiers`: trials per figure (median reported)")
     bench.add_argument("--dir", default=None, help="directory for the disk tier (default: under ~/.cache)")
     bench.add_argument("--sizes", default="1000,1000000", help="`lookup`: index sizes to measure")
     bench.add_argument("--nodes", type=int, default=3, help="`cluster`: Ray nodes (one agent each) on this machine")
