@@ -220,6 +220,7 @@ class DiskTier:
                 verifying.append((i, key, entry, segment,
                                   self._verifier().submit(self._verified, out, key, entry, segment)))
         finally:  # every read started is finished, even when a later one failed
+            failure = None
             for i, key, entry, segment, future in verifying:
                 outcome = "error"
                 try:
@@ -227,8 +228,12 @@ class DiskTier:
                     outcome = "hit"
                 except CorruptChunk as exc:
                     results[i], outcome = exc, "corrupt"
+                except BaseException as exc:  # not a verdict on the record: raised once all are finished
+                    failure = failure or exc
                 finally:
                     self._finish_read(key, entry, segment, outcome)
+            if failure is not None:
+                raise failure
         return results
 
     def _verifier(self) -> ThreadPoolExecutor:
