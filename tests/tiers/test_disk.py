@@ -264,6 +264,26 @@ def test_read_many_reads_in_order_and_reports_each_miss_in_its_place(tmp_path, o
     assert_intact(tier, keys[1], SMALL)  # the refused buffer cost the chunk nothing
 
 
+def test_read_many_finishes_every_read_before_raising_an_unexpected_error(tmp_path, open_tier, monkeypatch):
+    tier = open_tier(config(tmp_path))
+    keys = [key_of(i) for i in range(4)]
+    tier.append([chunk(key, SMALL) for key in keys])
+    verified = tier._verified
+
+    def fails_on_the_second(record, key, entry, segment):
+        if key == keys[1]:
+            raise RuntimeError("not a verdict on the record")
+        return verified(record, key, entry, segment)
+
+    monkeypatch.setattr(tier, "_verified", fails_on_the_second)
+    with pytest.raises(RuntimeError):
+        tier.read_many([(key, memoryview(bytearray(HEADER_BYTES + SMALL))) for key in keys])
+    assert all(segment.readers == 0 for segment in tier._segments.values())  # none left open
+    monkeypatch.undo()
+    for key in keys:  # nothing was dropped: it was not a checksum failure
+        assert_intact(tier, key, SMALL)
+
+
 def test_append_keeps_a_given_checksum_so_a_wrong_one_is_a_miss_not_data(tmp_path, open_tier):
     tier = open_tier(config(tmp_path))
     good, bad = key_of(1), key_of(2)
