@@ -137,8 +137,8 @@ def run(args) -> dict:
             largest = agents[-1]  # its memory per chunk
             chunks = result[f"chunks_indexed_{_label(largest.size)}"]
             time.sleep(3.0)  # steady state: the agent trims freed request garbage every few seconds
-            directory_bytes = os.path.getsize(largest.client.conn.directory.path)
-            hello = largest.client.conn.call("hello", {"version": PROTOCOL_VERSION})  # the current file
+            hello = largest.client.conn.call("hello", {"version": PROTOCOL_VERSION})  # the current files
+            directory_bytes = os.path.getsize(hello["directory_path"])
             locations_bytes = os.path.getsize(hello["locations_path"])
             private = _rss_anon(largest.proc.pid) - largest.rss_before
             result["index_bytes_per_chunk"] = round((private + directory_bytes + locations_bytes) / chunks, 1)

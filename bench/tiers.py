@@ -155,7 +155,7 @@ def run(args) -> dict:
         with agent_process({"cpu.arena_bytes": arena, "cpu.slab_bytes": slab, "disk.enabled": False},
                            workdir) as (socket_path, _):
             with LocalClient(namespace, geometry, socket_path=socket_path) as client:
-                # A CPU trial takes ~0.1 s, against seconds for a disk one: three times the trials, so
+                # A CPU trial takes ~0.15 s, against seconds for a disk one: three times the trials, so
                 # the median is steadier against this machine's drift at the same cost.
                 cpu_trials = CPU_TRIALS_PER_TRIAL * trials
                 log(f"cpu tier: {n_cpu} chunks of {chunk_bytes} bytes, {batch} per request, {cpu_trials} trials")

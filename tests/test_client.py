@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from kvstore.codec import KEY_AT
 from kvstore.errors import AgentUnavailable, ChunkTooLarge, GeometryMismatch, InvalidArgument, UnknownCodec
 from kvstore.keys import Namespace
 from kvstore.layout import Geometry
@@ -276,7 +277,7 @@ def test_put_async_reports_a_rejected_chunk_by_its_index_in_the_whole_put(agent,
         write_headers(pending, slots)
         for i, offset in slots:
             if pending.keys[i] == keys[2]:
-                client.conn.arena_np[offset + 64:offset + 80] = 0  # its key: the header checksum fails
+                client.conn.arena_np[offset + KEY_AT:offset + KEY_AT + 16] = 0  # its key: the header checksum fails
 
     monkeypatch.setattr(client, "_write_headers", one_bad_header)
     monkeypatch.setattr(client.conn, "max_batch", 2)  # keys[2] goes in the put's second batch

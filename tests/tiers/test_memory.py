@@ -16,7 +16,7 @@ import torch
 from kvstore.codec import HEADER_BYTES, SERIAL_AT
 from kvstore.config import CpuConfig, GpuConfig
 from kvstore.errors import CapacityExhausted, ChunkTooLarge, ConfigError, InvalidArgument
-from kvstore.tiers.cpu import CpuTier, ShmArena, map_arena
+from kvstore.tiers.cpu import LOCATION_UNIT, CpuTier, ShmArena, map_arena
 from kvstore.tiers.memory import KEY_HALVES
 from kvstore.tiers.gpu import GpuTier
 from kvstore.tiers.policy import LRUPolicy, S3FIFOPolicy, make_policy
@@ -803,7 +803,7 @@ def test_cpu_tier_stamps_and_publishes_each_chunk_and_unstamps_it_before_the_slo
     a, b = key(1), key(2)
     first_a, at_b = put(tier, a), put(tier, b)
     assert serial(first_a) and serial(at_b) and serial(first_a) != serial(at_b)
-    assert locations.lookup(pack_keys([a, b])).tolist() == [first_a // 64, at_b // 64]
+    assert locations.lookup(pack_keys([a, b])).tolist() == [first_a // LOCATION_UNIT, at_b // LOCATION_UNIT]
     stamp = serial(first_a)
     assert tier.remove([a]) == (1, 0)
     assert serial(first_a) == 0 and locations.lookup(pack_keys([a])).tolist() == [-1]
