@@ -132,15 +132,17 @@ class PutHandle:
     def __init__(self, batches: list[tuple[int, _Commits]]):
         self._batches = batches  # (index of the batch's first key in the put, its commits)
 
+    def _replies(self) -> Iterator["Reply"]:
+        return (reply for _, commits in self._batches for reply in commits.replies)
+
     def done(self) -> bool:
         """Every commit is answered: result() returns without waiting."""
-        return all(reply.done() for _, commits in self._batches for reply in commits.replies)
+        return all(reply.done() for reply in self._replies())
 
     def wait(self) -> None:
         """Wait until every commit is answered (errors are kept for result())."""
-        for _, commits in self._batches:
-            for reply in commits.replies:
-                reply.wait()
+        for reply in self._replies():
+            reply.wait()
 
     def result(self) -> PutResult:
         """The put's outcome, once the agent has published its chunks; raises a commit's typed error."""
