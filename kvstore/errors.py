@@ -63,6 +63,18 @@ class ProtocolError(KVStoreError):
     code = "protocol_error"
 
 
+class Unauthenticated(KVStoreError):
+    """The controller does not know the caller: no bearer token, or an unknown one (UNAUTHENTICATED)."""
+
+    code = "unauthenticated"
+
+
+class PermissionDenied(KVStoreError):
+    """The caller's token is valid, but not for this tenant's namespaces (PERMISSION_DENIED)."""
+
+    code = "permission_denied"
+
+
 class ConfigError(KVStoreError):
     """A configuration key or value is invalid; the message names the key."""
 
@@ -73,6 +85,7 @@ ERRORS_BY_CODE = {
     cls.code: cls
     for cls in (
         KVStoreError, InvalidArgument, GeometryMismatch, ChunkTooLarge, UnknownCodec, CorruptChunk,
-        CapacityExhausted, NotFound, LeaseExpired, AgentUnavailable, ProtocolError, ConfigError,
+        CapacityExhausted, NotFound, LeaseExpired, AgentUnavailable, ProtocolError, Unauthenticated,
+        PermissionDenied, ConfigError,
     )
 }

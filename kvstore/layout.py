@@ -89,6 +89,20 @@ class Geometry:
     def torch_dtype(self) -> "torch.dtype":
         return torch_dtype(self.dtype)
 
+    def to_wire(self) -> list:
+        """[layers, heads, head_dim, tokens, planes, dtype]: how messages carry a geometry."""
+        return [self.layers, self.heads, self.head_dim, self.tokens, self.planes, self.dtype]
+
+    @classmethod
+    def from_wire(cls, value: object) -> "Geometry":
+        """The geometry of `to_wire`'s list; InvalidArgument for anything else."""
+        if not isinstance(value, list) or len(value) != 6:
+            raise InvalidArgument("geometry must be [layers, heads, head_dim, tokens, planes, dtype]")
+        layers, heads, head_dim, tokens, planes, dtype = value
+        if not isinstance(dtype, str):
+            raise InvalidArgument("geometry dtype must be a name")
+        return cls(layers=layers, heads=heads, head_dim=head_dim, tokens=tokens, planes=planes, dtype=dtype)
+
     @classmethod
     def parse(cls, text: str) -> "Geometry":
         """Parse ``layers=30,heads=3,head_dim=64,tokens=256,dtype=bf16[,planes=2]`` (CLI form)."""

@@ -9,7 +9,10 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import clean_env
+from .support.agents import clean_env
+import pytest
+
+pytestmark = pytest.mark.e2e
 
 TIERS_FIELDS = {"chunk_bytes", "memcpy_gbps", "cpu_put_gbps", "cpu_put_sync_gbps", "cpu_get_gbps", "disk_write_gbps",
                 "disk_read_gbps", "disk_raw_write_gbps", "disk_raw_read_gbps", "cpu_put_vs_memcpy",

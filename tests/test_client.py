@@ -13,9 +13,13 @@ from kvstore.keys import Namespace
 from kvstore.layout import Geometry
 
 from kvstore.client import LocalClient
-from kvstore.tiers.memory import pack_keys
+from kvstore.vocab import pack_keys
 
-from .conftest import SMALL, SMALL_NS, agent_subprocess, small_chunks, tokens
+from .support.agents import agent_subprocess
+
+from .support.data import SMALL, small_chunks, SMALL_NS, tokens
+
+pytestmark = pytest.mark.integration
 
 
 def test_put_get_round_trip_is_byte_identical(agent):
@@ -223,9 +227,9 @@ def test_lookup_notices_a_killed_agent_although_its_directory_stays_mapped(tmp_p
 
 
 def test_a_big_credit_put_commits_its_chunks_but_the_last_while_it_writes_the_last(agent, monkeypatch):
-    import kvstore.client
+    import kvstore.client.puts
 
-    monkeypatch.setattr(kvstore.client, "PIPELINE_MIN_BYTES", 0)  # these chunks are small; real ones are MBs
+    monkeypatch.setattr(kvstore.client.puts, "PIPELINE_MIN_BYTES", 0)  # these chunks are small; real ones are MBs
     client = agent.client()
     first = client.keys(tokens(6, start=0))
     assert client.put(first, small_chunks(6)).stored == 6  # leaves a credit of 6 slots
@@ -271,7 +275,7 @@ def test_a_stream_of_put_async_is_stored_in_order_and_holds_at_most_two_credits(
 def test_put_async_reports_a_rejected_chunk_by_its_index_in_the_whole_put(agent, monkeypatch):
     client = agent.client()
     keys = client.keys(tokens(3))
-    write_headers = client._write_headers
+    write_headers = client._puts._write_headers
 
     def one_bad_header(pending, slots):
         write_headers(pending, slots)
@@ -279,7 +283,7 @@ def test_put_async_reports_a_rejected_chunk_by_its_index_in_the_whole_put(agent,
             if pending.keys[i] == keys[2]:
                 client.conn.arena_np[offset + KEY_AT:offset + KEY_AT + 16] = 0  # its key: the header checksum fails
 
-    monkeypatch.setattr(client, "_write_headers", one_bad_header)
+    monkeypatch.setattr(client._puts, "_write_headers", one_bad_header)
     monkeypatch.setattr(client.conn, "max_batch", 2)  # keys[2] goes in the put's second batch
     result = client.put_async(keys, small_chunks(3)).result()
     assert result.stored == 2 and [(i, code) for i, code, _ in result.errors] == [(2, "corrupt_chunk")]
@@ -352,11 +356,11 @@ def test_a_get_reads_the_arena_part_of_a_prefix_in_place_and_pins_the_rest(agent
     assert client.flush(timeout=30)
     client.evict(keys[2:3], tiers=("cpu",))
     sent = record_requests(client)
-    got = client.get(keys)
-    assert torch.equal(got, small_chunks(4))
+    result = client.read(keys)
+    assert torch.equal(result.chunks, small_chunks(4))
     assert ops_of(sent) == ["touch", "acquire", "release"]
     assert sent[0][1]["keys"] == b"".join(keys[:2]) and sent[1][1]["keys"] == b"".join(keys[2:])
-    assert client.last_miss_reasons == {4: "not_found"}  # by index in the request, not in the acquire
+    assert result.misses == {4: "not_found"}  # by index in the request, not in the acquire
 
 
 def test_a_chunk_evicted_and_its_slot_rewritten_during_an_in_place_copy_is_not_returned(agent, monkeypatch):
@@ -376,16 +380,16 @@ def test_a_chunk_evicted_and_its_slot_rewritten_during_an_in_place_copy_is_not_r
     def copyto(dst, src, **kw):
         if not raced:  # the reader's copy of keys[0] (its checks are done): race it once
             raced.append(True)
-            assert agent.store.evict(SMALL_NS.digest, keys, ("cpu", "disk"))["cpu"] == 1
+            assert agent.store.evict(SMALL_NS.digest, keys, ("cpu", "disk")).cpu == 1
             writer.put(other, small_chunks(1, seed=2))
             assert writer.conn.locations.lookup(pack_keys(other)).tolist() == place  # the very slot
         return real_copyto(dst, src, **kw)
 
     monkeypatch.setattr(np, "copyto", copyto)
     sent = record_requests(client)
-    got = client.get(keys)
-    assert raced and got.shape[0] == 0
+    result = client.read(keys)
+    assert raced and result.chunks.shape[0] == 0
     assert ops_of(sent) == ["acquire", "release"]  # no touch: nothing was read in place
-    assert client.last_miss_reasons == {0: "not_found"}
+    assert result.misses == {0: "not_found"}
     monkeypatch.undo()
     assert torch.equal(writer.get(other), small_chunks(1, seed=2))

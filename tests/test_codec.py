@@ -14,6 +14,8 @@ from kvstore.codec import (
 from kvstore.errors import CorruptChunk, InvalidArgument, UnknownCodec
 from kvstore.layout import SMOLLM2_135M, Geometry, default_chunk_tokens
 
+pytestmark = pytest.mark.unit
+
 CODECS = ("raw", "lz4", "int8", "int4")
 LEVELS = {"int8": 255, "int4": 15}
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}

@@ -16,6 +16,8 @@ from kvstore.config import (
 )
 from kvstore.errors import ConfigError
 
+pytestmark = pytest.mark.unit
+
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 
@@ -42,7 +44,6 @@ def test_defaults():
     assert cfg.disk.enabled is True
     assert cfg.disk.capacity_bytes == AUTO
     assert cfg.disk.compact_garbage_ratio == 0.5
-    assert cfg.gpu.enabled is False
     assert cfg.agent.lease_ttl_s == 30.0
     assert cfg.agent.log_level == "info"
 
@@ -86,10 +87,10 @@ def test_env_ignores_other_variables():
 
 
 def test_overrides_as_mapping_take_typed_values():
-    cfg = load_config(env={}, overrides={"cpu.arena_bytes": 512 * MiB, "disk.o_direct": True, "gpu.device": "cuda:1"})
+    cfg = load_config(env={}, overrides={"cpu.arena_bytes": 512 * MiB, "disk.o_direct": True, "cpu.shm_dir": "/dev/x"})
     assert cfg.cpu.arena_bytes == 512 * MiB
     assert cfg.disk.o_direct is True
-    assert cfg.gpu.device == "cuda:1"
+    assert cfg.cpu.shm_dir == "/dev/x"
 
 
 def test_override_value_may_contain_equals():
@@ -165,12 +166,12 @@ def test_size_error_message_names_key_and_source():
 def test_every_bytes_field_accepts_size_strings():
     cfg = load_config(env={}, overrides=[
         "cpu.arena_bytes=1GiB", "cpu.slab_bytes=2MiB", "disk.capacity_bytes=10GB", "disk.segment_bytes=128M",
-        "disk.batch_bytes=1MiB", "disk.queue_bytes=64MiB", "gpu.pool_bytes=2G", "agent.max_frame_bytes=1MiB",
+        "disk.batch_bytes=1MiB", "disk.queue_bytes=64MiB", "cluster.object_store_bytes=2G", "agent.max_frame_bytes=1MiB",
     ])
     assert (cfg.cpu.arena_bytes, cfg.cpu.slab_bytes) == (GiB, 2 * MiB)
     assert cfg.disk.capacity_bytes == 10_000_000_000
     assert (cfg.disk.segment_bytes, cfg.disk.batch_bytes, cfg.disk.queue_bytes) == (128 * MiB, MiB, 64 * MiB)
-    assert cfg.gpu.pool_bytes == 2 * GiB
+    assert cfg.cluster.object_store_bytes == 2 * GiB
     assert cfg.agent.max_frame_bytes == MiB
 
 
@@ -182,9 +183,9 @@ def test_every_bytes_field_accepts_size_strings():
     ("false", False), ("FALSE", False), ("0", False), ("no", False), ("off", False), (" Off ", False),
 ])
 def test_booleans(text, expected):
-    cfg = load_config(env={"KVSTORE_DISK__FSYNC": text}, overrides=[f"gpu.enabled={text}"])
+    cfg = load_config(env={"KVSTORE_DISK__FSYNC": text}, overrides=[f"cpu.prefault={text}"])
     assert cfg.disk.fsync is expected
-    assert cfg.gpu.enabled is expected
+    assert cfg.cpu.prefault is expected
 
 
 def test_yaml_booleans(tmp_path):
@@ -209,10 +210,10 @@ def test_wrong_types(override, key):
 
 
 def test_wrong_yaml_types_name_key_and_file(tmp_path):
-    path = write_yaml(tmp_path, "gpu:\n  device: 5\n")
+    path = write_yaml(tmp_path, "cpu:\n  shm_dir: 5\n")
     with pytest.raises(ConfigError) as info:
         load_config(path, env={})
-    assert "gpu.device" in str(info.value) and path in str(info.value)
+    assert "cpu.shm_dir" in str(info.value) and path in str(info.value)
     with raises_naming("cpu.prefault"):
         load_config(write_yaml(tmp_path, "cpu:\n  prefault: [1]\n"), env={})
     with raises_naming("disk.compact_garbage_ratio"):
@@ -239,8 +240,8 @@ def test_wrong_yaml_types_name_key_and_file(tmp_path):
     (["disk.capacity_bytes=100MiB"], "disk.capacity_bytes"),
     (["disk.compact_garbage_ratio=0"], "disk.compact_garbage_ratio"),
     (["disk.compact_garbage_ratio=1.5"], "disk.compact_garbage_ratio"),
-    (["gpu.device="], "gpu.device"),
-    (["gpu.pool_bytes=0"], "gpu.pool_bytes"),
+    (["cluster.namespace="], "cluster.namespace"),
+    (["cluster.object_store_bytes=0"], "cluster.object_store_bytes"),
     (["agent.lease_ttl_s=0"], "agent.lease_ttl_s"),
     (["agent.lease_ttl_s=-1"], "agent.lease_ttl_s"),
     (["agent.max_frame_bytes=32KiB"], "agent.max_frame_bytes"),
@@ -346,7 +347,7 @@ def test_config_to_dict_is_plain_and_loads_back(tmp_path):
     assert data["cpu"] == {"arena_bytes": GiB, "slab_bytes": 64 * MiB, "shm_dir": "/dev/shm", "policy": "lru",
                            "prefault": True}
     assert data["disk"]["enabled"] is False
-    assert set(data) == {"chunk_tokens", "cpu", "disk", "gpu", "agent", "cluster", "control"}
+    assert set(data) == {"chunk_tokens", "cpu", "disk", "agent", "cluster", "control"}
     path = write_yaml(tmp_path, yaml.safe_dump(data))
     assert load_config(path, env={}) == cfg
 

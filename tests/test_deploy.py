@@ -15,8 +15,12 @@ from kvstore.control.client import ControlClient
 from kvstore.control.server import ControlServer
 from kvstore.proto import kvstore_pb2 as pb
 
-from .conftest import SMALL_NS, agent_settings, small_chunks, tokens
-from .test_metrics_agent import scrape
+from .support.agents import agent_settings
+
+from .support.data import small_chunks, SMALL_NS, tokens
+from .support.metrics import scrape
+
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana-dashboard.json"

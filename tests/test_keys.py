@@ -16,6 +16,8 @@ import xxhash
 from kvstore.errors import InvalidArgument
 from kvstore.keys import Namespace, chunk_keys, fold_block_hashes
 
+pytestmark = pytest.mark.unit
+
 M = "SmolLM2-135M-Instruct"
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,10 +6,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from kvstore.client import AgentConnection
 from kvstore.config import load_config
@@ -17,19 +15,13 @@ from kvstore.errors import ConfigError, NotFound
 from kvstore.keys import Namespace
 from kvstore.metrics import AgentCollector
 
-from .conftest import SMALL, SMALL_NS, agent_settings, small_chunks, tokens
+from .support.agents import agent_settings
+from .support.data import SMALL, SMALL_NS, small_chunks, tokens
+from .support.metrics import scrape, value
+
+pytestmark = pytest.mark.integration
 
 TOKENS = SMALL.tokens  # per chunk
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(samples: dict, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def count(samples: dict, op: str, tier: str) -> float:
@@ -126,17 +118,17 @@ def test_missed_tokens_by_reason(served):
 
 def test_requests_in_flight_is_the_queue_depth(served):
     """A lookup waiting for the store's lock is in flight until it gets it."""
-    collector = AgentCollector(served.server.stats)
+    collector = AgentCollector(served.server.ops.stats)
     conn = AgentConnection(served.socket_path)
     conn.call("register", {"ns": SMALL_NS.digest, "geometry": [SMALL.layers, SMALL.heads, SMALL.head_dim,
                                                                 SMALL.tokens, SMALL.planes, SMALL.dtype]})
     done = threading.Event()
-    with served.store.lock:  # reentrant: this thread may still read the stats
+    with served.store.cpu.lock:  # the arena lock, which a lookup takes; reentrant: this thread may still read the stats
         thread = threading.Thread(target=lambda: (conn.call("lookup", {"ns": SMALL_NS.digest, "keys": b"k" * 16}),
                                                   done.set()))
         thread.start()
         deadline = time.monotonic() + 10
-        while served.server.stats()["requests"]["in_flight"] == 0 and time.monotonic() < deadline:
+        while served.server.ops.stats()["requests"]["in_flight"] == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         families = {f.name: f for f in collector.collect()}
         assert families["kvstore_agent_requests_in_flight"].samples[0].value == 1

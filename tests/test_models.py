@@ -20,6 +20,8 @@ from kvstore import models
 from kvstore.errors import InvalidArgument
 from kvstore.layout import SMOLLM2_135M, Geometry
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="session")
 def smollm2() -> Path:

@@ -16,7 +16,11 @@ import torch
 
 from kvstore.client import LocalClient
 
-from .conftest import SMALL_NS, agent_settings, clean_env, small_chunks, tokens, spawn_agent, stop_agent, write_config
+from .support.agents import agent_settings, clean_env, spawn_agent, stop_agent, write_config
+
+from .support.data import small_chunks, SMALL_NS, tokens
+
+pytestmark = pytest.mark.integration
 
 
 def test_write_behind_then_promotion_from_disk(agent):
@@ -221,7 +225,7 @@ def test_shared_directory_agrees_with_the_agent(agent):
 
     def agrees() -> tuple:
         local = client.lookup(keys)
-        remote = client._call("lookup", {"ns": SMALL_NS.digest, "keys": b"".join(keys)})
+        remote = client.conn.call("lookup", {"ns": SMALL_NS.digest, "keys": b"".join(keys)})
         assert (local.chunks, local.tier_codes) == (remote["matched"], remote["tiers"])
         return local.tiers
 
@@ -240,11 +244,11 @@ def test_shared_directory_agrees_with_the_agent(agent):
 
 
 def test_a_namespace_beyond_what_the_directory_can_name_is_refused_and_the_rest_keep_working(agent, monkeypatch):
-    import kvstore.node
+    import kvstore.agent.namespaces
     from kvstore.errors import CapacityExhausted
     from kvstore.layout import Geometry
 
-    monkeypatch.setattr(kvstore.node, "MAX_NAMESPACE_ID", 3)  # the real bound is 2^24 - 1
+    monkeypatch.setattr(kvstore.agent.namespaces, "MAX_NAMESPACE_ID", 3)  # the real bound is 2^24 - 1
     geometry = Geometry(layers=1, heads=1, head_dim=8, tokens=16, planes=1, dtype="float16")
     ids = [agent.store.register(bytes([i]) * 16, geometry) for i in range(1, 4)]
     with pytest.raises(CapacityExhausted, match="namespaces"):

@@ -10,10 +10,12 @@ import msgpack
 import pytest
 
 from kvstore.codec import HEADER_BYTES, ChunkHeader
-from kvstore.protocol import PROTOCOL_VERSION, FrameReader, pack, raise_for_reply
+from kvstore.wire.framing import PROTOCOL_VERSION, FrameReader, pack, raise_for_reply
 from kvstore.errors import NotFound
 
-from .conftest import SMALL, SMALL_NS, small_chunks
+from .support.data import SMALL, small_chunks, SMALL_NS
+
+pytestmark = pytest.mark.integration
 
 
 class Raw:
@@ -103,7 +105,7 @@ def test_commit_rejects_bad_chunks_individually(agent):
     keys = client.keys(range(48))
     size = HEADER_BYTES + SMALL.nbytes
     reply = raw_result(raw.call("reserve", {"ns": SMALL_NS.digest, "keys": b"".join(keys), "sizes": [size] * 3}))
-    arena = client._arena
+    arena = client.conn.arena
     for i, offset in enumerate(reply["offsets"]):
         key = keys[i] if i != 1 else keys[0]  # chunk 1's header names another key
         header = ChunkHeader(codec="raw", geometry=SMALL, payload_len=SMALL.nbytes, namespace=SMALL_NS.digest, key=key)
@@ -180,7 +182,7 @@ def test_commit_with_keep_publishes_named_slots_and_keeps_the_rest_reserved(agen
     keyed = raw_result(raw.call("reserve", {"ns": SMALL_NS.digest, "keys": keys[2], "sizes": [size]}))
     assert raw.call("commit", {"rid": keyed["rid"], "keep": True})[:2] == ["err", "invalid_argument"]
     credit = raw_result(raw.call("reserve", {"ns": SMALL_NS.digest, "sizes": [size] * 2}))
-    arena = client._arena
+    arena = client.conn.arena
     for slot, key in enumerate(keys[:2]):
         header = ChunkHeader(codec="raw", geometry=SMALL, payload_len=SMALL.nbytes, namespace=SMALL_NS.digest, key=key)
         arena[credit["offsets"][slot]:credit["offsets"][slot] + HEADER_BYTES].numpy()[:] = memoryview(header.pack())

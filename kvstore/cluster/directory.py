@@ -16,21 +16,20 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..node import DIR_BITS, TIER_CPU, TIER_DISK, TIER_GPU, TIER_NONE
 from .placement import owners
 
-Holders = dict[str, int]  # node id -> tier bits (DIR_BITS of node.py)
+Holders = dict[str, int]  # node id -> tier bits (vocab.TierBits)
 
 
-def best_tier(bits: int) -> int:
-    """The fastest tier code among tier bits (0 if none)."""
-    if bits & DIR_BITS[TIER_GPU]:
-        return TIER_GPU
-    if bits & DIR_BITS[TIER_CPU]:
-        return TIER_CPU
-    if bits & DIR_BITS[TIER_DISK]:
-        return TIER_DISK
-    return TIER_NONE
+def by_owner(blob: bytes, members: list[str]):
+    """(owner node, indexes of its keys) for every directory owner of the 16-byte keys in `blob`."""
+    if not blob:
+        return
+    owner = owners(blob, members)
+    for m, node in enumerate(members):
+        picked = np.flatnonzero(owner == m)
+        if picked.size:
+            yield node, picked
 
 
 class DirectoryShard:

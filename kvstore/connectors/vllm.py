@@ -6,10 +6,12 @@
 
 vLLM builds two connector objects. The scheduler-side one (engine core process) asks the node agent how
 much of a prompt is stored — from the agent's shared directory, no round trip — and plans, for every
-engine step, which chunks the workers load and save. The worker-side one (each worker process) scatters
-stored chunks from the agent's arena straight into the paged KV cache before the forward pass, and after
-it gathers newly computed chunks out of the paged cache straight into arena slots; the commit of those
-slots runs on a background thread, so the step is held only for the copy.
+engine step, which chunks the workers load and save. The worker-side one (each worker process) hands
+those plans to the engine-agnostic core (core.py: PagedTransfer), which scatters stored chunks from the
+agent's arena straight into the paged KV cache before the forward pass, and after it gathers newly
+computed chunks out of the paged cache straight into arena slots; the commit of those slots runs on a
+background thread, so the step is held only for the copy. This module is the vLLM adapter: settings
+from vLLM's config, the scheduler's plans, and vLLM's connector API.
 
 Chunk keys are folded from vLLM's own block hashes, so separate engine instances hit each other's chunks
 when their hash settings agree (checked at startup, see `hash_settings_problem`). Every failure of the
@@ -23,11 +25,8 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
-import threading
-import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
@@ -35,12 +34,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from .. import codec
-from ..client import LocalClient
-from ..errors import AgentUnavailable, InvalidArgument, KVStoreError
+from ..errors import InvalidArgument, KVStoreError
 from ..keys import Namespace, chunk_keys, fold_block_hashes
 from ..layout import Geometry, default_chunk_tokens, dtype_name, torch_dtype
-from ..transfer import PagedLayout, gather, scatter
+from .core import STAT_FIELDS, AgentLink, LoadSpec, PagedTransfer, SaveSpec, StoreSettings
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -52,31 +49,9 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger("kvstore.vllm")
-T = TypeVar("T")
-
-_RECONNECT_S = 5.0  # how often a connector without an agent tries again
-_CALL_TIMEOUT_S = 5.0  # deadline of every agent call from inside the engine
 
 
 # ---- settings shared by both sides ---------------------------------------------------------------
-@dataclass(frozen=True)
-class ConnectorSettings:
-    """What both sides derive from the vLLM config; they must agree for keys and chunks to match."""
-
-    namespace: Namespace
-    geometry: Geometry
-    block_size: int
-    socket_path: str | None
-    codec: str
-    key_source: str  # "block_hashes" (vLLM's, shareable across instances) or "tokens" (our own hash)
-    save: bool  # store computed chunks (kv_producer); load needs kv_consumer
-    opaque_pages: bool  # engine pages are moved verbatim, whole blocks only (cpu_page_format)
-
-    @property
-    def blocks_per_chunk(self) -> int:
-        return self.namespace.chunk_tokens // self.block_size
-
-
 def hash_settings_problem(vllm_config: "VllmConfig") -> str | None:
     """Why vLLM's block hashes would differ between processes (so that engines could not share chunks
     keyed by them), or None when they agree. The 'sha256' family is seeded deterministically; the
@@ -88,7 +63,7 @@ def hash_settings_problem(vllm_config: "VllmConfig") -> str | None:
     return None
 
 
-def settings_from_vllm(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig") -> ConnectorSettings:
+def settings_from_vllm(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig") -> StoreSettings:
     """Namespace, chunk geometry and options from the engine's config; unsupported setups are refused here,
     at startup, with a message — never by serving wrong KV later."""
     extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
@@ -135,10 +110,10 @@ def settings_from_vllm(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfi
     geometry = Geometry(layers=layers, heads=heads, head_dim=head_dim, tokens=chunk_tokens,
                         planes=1 if mla else 2, dtype=kv_dtype)
     transfer = vllm_config.kv_transfer_config
-    return ConnectorSettings(namespace=namespace, geometry=geometry, block_size=block_size,
-                             socket_path=extra.get("socket_path"), codec=str(extra.get("codec", "raw")),
-                             key_source=key_source, save=bool(transfer.is_kv_producer),
-                             opaque_pages=page_format is not None)
+    return StoreSettings(namespace=namespace, geometry=geometry, block_size=block_size,
+                         socket_path=extra.get("socket_path"), codec=str(extra.get("codec", "raw")),
+                         save=bool(transfer.is_kv_producer), opaque_pages=page_format is not None,
+                         key_source=key_source)
 
 
 def cpu_page_format(vllm_config: "VllmConfig", kv_dtype: str, block_size: int, head_size: int) -> str | None:
@@ -158,84 +133,7 @@ def cpu_page_format(vllm_config: "VllmConfig", kv_dtype: str, block_size: int, h
     return f"vllm-cpu-pages:{isa}:block{block_size}"
 
 
-class _AgentLink:
-    """A LocalClient that may not exist yet: connects lazily, and after a failure waits _RECONNECT_S
-    before trying again, so an engine without an agent keeps serving (without reuse) and never blocks."""
-
-    def __init__(self, settings: ConnectorSettings, role: str):
-        self.settings, self.role = settings, role
-        self._client: LocalClient | None = None
-        self._next_try = 0.0
-        self._warned = False
-        self.failures = 0
-
-    def get(self) -> LocalClient | None:
-        if self._client is not None:
-            return self._client
-        if time.monotonic() < self._next_try:
-            return None
-        try:
-            self._client = LocalClient(self.settings.namespace, self.settings.geometry, self.settings.codec,
-                                       socket_path=self.settings.socket_path, timeout=_CALL_TIMEOUT_S)
-            if self._warned:
-                log.warning("kvstore %s: node agent reachable again", self.role)
-            self._warned = False
-        except KVStoreError as exc:
-            self.failed(exc)
-        return self._client
-
-    def failed(self, exc: Exception) -> None:
-        """Drop the client after an agent failure; the caller treats the operation as a miss. A connection
-        that broke may be retried at once (the agent may have restarted); a failed connect waits."""
-        self.failures += 1
-        if not self._warned:
-            log.warning("kvstore %s: node agent unavailable, serving without reuse (%s)", self.role, exc)
-            self._warned = True
-        was_connected = self._client is not None
-        if was_connected:
-            self._client.close()
-        self._client = None
-        self._next_try = time.monotonic() + (0.0 if was_connected else _RECONNECT_S)
-
-    def run(self, operation: Callable[[LocalClient], T]) -> T:
-        """`operation(client)`, reconnecting and trying once more if the agent's connection broke, so an
-        agent restart costs no request. Raises AgentUnavailable when no agent answers."""
-        for _ in range(2):
-            client = self.get()
-            if client is None:
-                break
-            try:
-                return operation(client)
-            except AgentUnavailable as exc:
-                self.failed(exc)
-        raise AgentUnavailable(f"no node agent for the {self.role} (next try in at most {_RECONNECT_S:.0f} s)")
-
-
 # ---- metadata from the scheduler to the workers ----------------------------------------------------
-@dataclass
-class LoadSpec:
-    """Load tokens [token_start, token_end) of a request from the chunks `keys` (the first being chunk
-    number `first_chunk` of the request) into its blocks."""
-
-    req_id: str
-    keys: list[bytes]
-    first_chunk: int
-    token_start: int
-    token_end: int
-    block_ids: list[int]
-    is_async: bool
-
-
-@dataclass
-class SaveSpec:
-    """Store chunks `first_chunk ...` of a request (keys given) from its blocks."""
-
-    req_id: str
-    keys: list[bytes]
-    first_chunk: int
-    block_ids: list[int]
-
-
 @dataclass
 class KVStoreConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
@@ -247,7 +145,7 @@ class KVStoreConnectorStats(KVConnectorStats):
     """What the workers did since the last report, summed over workers: vLLM's stats logger prints it and
     its `kv_connector_stats` carry it. `agent_unavailable` counts failed calls to the node agent."""
 
-    FIELDS = ("loaded_tokens", "load_failed_blocks", "saved_chunks", "agent_unavailable")
+    FIELDS = STAT_FIELDS
 
     def __post_init__(self) -> None:
         for name in self.FIELDS:
@@ -296,7 +194,7 @@ class KVStoreConnector(KVConnectorBase_V1):
                             self._kv_transfer_config.kv_load_failure_policy)
         else:
             self._scheduler = None
-            self._worker = _WorkerSide(self.settings)
+            self._worker = PagedTransfer(self.settings)
         log.info("kvstore connector (%s): namespace %s, chunk %s, keys from %s", role.name,
                  self.settings.namespace.digest.hex()[:12], self.settings.geometry, self.settings.key_source)
 
@@ -317,10 +215,10 @@ class KVStoreConnector(KVConnectorBase_V1):
 
     # ---- worker side ----
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
-        self._worker.register(kv_caches)
+        self._worker.register(list(kv_caches.values()), list(kv_caches))
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
-        self._worker.start_loads(self._get_connector_metadata())
+        self._worker.start_loads(self._get_connector_metadata().loads)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads complete in start_load_kv (arena -> paged cache is one memcpy per layer and chunk)
@@ -331,7 +229,7 @@ class KVStoreConnector(KVConnectorBase_V1):
 
     def wait_for_save(self):
         if self.has_connector_metadata():
-            self._worker.save(self._get_connector_metadata())
+            self._worker.save(self._get_connector_metadata().saves)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return None, self._worker.finished_loads() or None
@@ -340,7 +238,11 @@ class KVStoreConnector(KVConnectorBase_V1):
         return self._worker.take_load_errors()
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
-        return self._worker.take_stats() if self._worker is not None else None
+        """What the worker did since the last report (None when nothing happened)."""
+        if self._worker is None:
+            return None
+        stats = KVStoreConnectorStats(data=self._worker.take_counts())
+        return None if stats.is_empty() else stats
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
@@ -353,9 +255,9 @@ class KVStoreConnector(KVConnectorBase_V1):
 
 # ---- scheduler side -------------------------------------------------------------------------------
 class _SchedulerSide:
-    def __init__(self, settings: ConnectorSettings):
+    def __init__(self, settings: StoreSettings):
         self.settings = settings
-        self.agent = _AgentLink(settings, "scheduler")
+        self.agent = AgentLink(settings, "scheduler")
         self.requests: dict[str, _Tracked] = {}
 
     def keys(self, tracked: _Tracked) -> list[bytes]:
@@ -447,187 +349,3 @@ class _SchedulerSide:
 
     def finished(self, req_id: str) -> None:
         self.requests.pop(req_id, None)
-
-
-# ---- worker side ----------------------------------------------------------------------------------
-class _WorkerSide:
-    def __init__(self, settings: ConnectorSettings):
-        self.settings = settings
-        self.agent = _AgentLink(settings, "worker")
-        self.layers: list[torch.Tensor] = []
-        self.layout: PagedLayout | None = None
-        self._lock = threading.Lock()  # load results, shared with the async loader thread
-        self._load_errors: set[int] = set()
-        self._finished_loads: list[tuple[str, list[int]]] = []
-        self._async_loads: queue.Queue = queue.Queue()
-        self._commits: queue.Queue = queue.Queue(maxsize=64)  # bounded: back-pressure, not unbounded memory
-        self._threads: list[threading.Thread] = []
-        self._stats = KVStoreConnectorStats()
-        self._links = [self.agent]  # every link to the agent, for the agent_unavailable count
-        self._failures_reported = 0
-
-    def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        s = self.settings
-        layers = list(kv_caches.values())
-        # Opaque CPU pages: any bijection between a block's rows and chunk positions restores the block
-        # exactly, and the 'vllm' order is one; transfers stay whole-block (ranges are block-aligned).
-        order = "vllm" if s.opaque_pages else None
-        layout = PagedLayout.from_tensor(layers[0], block_size=s.block_size, num_kv_heads=s.geometry.heads,
-                                         head_size=s.geometry.head_dim, mla=s.geometry.planes == 1, order=order)
-        for name, tensor in kv_caches.items():
-            try:
-                layout.check(tensor)
-            except InvalidArgument as exc:
-                raise InvalidArgument(f"KV cache of layer {name}: {exc}") from None
-        if len(layers) != s.geometry.layers or dtype_name(layers[0].dtype) != s.geometry.dtype:
-            raise InvalidArgument(f"engine registered {len(layers)} KV layers of {layers[0].dtype}; the chunk "
-                                  f"geometry expects {s.geometry.layers} of {s.geometry.dtype}")
-        self.layers, self.layout = layers, layout
-        for target in (self._commit_loop, self._async_load_loop):
-            thread = threading.Thread(target=target, name=f"kvstore-{target.__name__[1:]}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
-
-    # ---- loads ----
-    def start_loads(self, meta: KVStoreConnectorMetadata) -> None:
-        for spec in meta.loads:
-            if spec.is_async:
-                self._async_loads.put(spec)
-            else:
-                failed = self._load(spec, self.agent)
-                with self._lock:
-                    self._load_errors.update(failed)
-
-    def _load(self, spec: LoadSpec, agent: _AgentLink) -> list[int]:
-        """Scatter the chunks of `spec` from the arena into the paged cache. Returns the blocks whose tokens
-        could not be loaded (vLLM recomputes them): from the first chunk missing on."""
-        chunk = self.settings.namespace.chunk_tokens
-        loaded_until = spec.token_start
-
-        def load(client: LocalClient) -> None:
-            nonlocal loaded_until
-            loaded_until = spec.token_start  # a retry on a new connection starts over
-            step = client.max_batch
-            for start in range(0, len(spec.keys), step):
-                batch_until = loaded_until
-                with client.acquire(spec.keys[start:start + step], prefix=True) as hits:
-                    for n, (header, payload) in enumerate(hits):
-                        base = (spec.first_chunk + start + n) * chunk
-                        lo, hi = max(spec.token_start, base), min(spec.token_end, base + chunk)
-                        kv = self._chunk_tensor(header, payload)
-                        scatter(kv[:, :, lo - base:hi - base], self.layers, self.layout,
-                                self.layout.rows(spec.block_ids, lo, hi - lo))
-                        batch_until = hi
-                loaded_until = batch_until  # only once the lease held to the end of the reads
-                if loaded_until < min(spec.token_end, (spec.first_chunk + start + step) * chunk):
-                    return  # a chunk is missing: it and everything after it are recomputed
-
-        try:
-            agent.run(load)
-        except KVStoreError as exc:
-            log.warning("kvstore: load for request %s failed after %d tokens (%s); the rest is recomputed",
-                        spec.req_id, loaded_until - spec.token_start, exc)
-        block = self.settings.block_size
-        failed = [] if loaded_until >= spec.token_end else \
-            spec.block_ids[loaded_until // block: -(-spec.token_end // block)]
-        with self._lock:
-            self._stats.data["loaded_tokens"] += loaded_until - spec.token_start
-            self._stats.data["load_failed_blocks"] += len(failed)
-        return failed
-
-    def _chunk_tensor(self, header, payload: torch.Tensor) -> torch.Tensor:
-        geometry = self.settings.geometry
-        if header.codec == "raw":
-            return payload.view(geometry.torch_dtype).view(geometry.shape)
-        return codec.decode(header, payload)
-
-    def _async_load_loop(self) -> None:
-        agent = _AgentLink(self.settings, "async loader")  # its own connection: never waits on the step's
-        self._links.append(agent)
-        while True:
-            spec = self._async_loads.get()
-            if spec is None:
-                return
-            failed = self._load(spec, agent)
-            with self._lock:
-                self._finished_loads.append((spec.req_id, failed))
-
-    def finished_loads(self) -> set[str]:
-        """Requests whose asynchronous load is done; their failed blocks join the load errors reported in
-        the same engine step (vLLM asks for those right after)."""
-        with self._lock:
-            done, self._finished_loads = self._finished_loads, []
-            for _, failed in done:
-                self._load_errors.update(failed)
-        return {req_id for req_id, _ in done}
-
-    def take_stats(self) -> KVStoreConnectorStats | None:
-        """The counts since the last call (None when nothing happened)."""
-        failures = sum(link.failures for link in self._links)
-        with self._lock:
-            stats, self._stats = self._stats, KVStoreConnectorStats()
-        stats.data["agent_unavailable"] = failures - self._failures_reported
-        self._failures_reported = failures
-        return None if stats.is_empty() else stats
-
-    def take_load_errors(self) -> set[int]:
-        with self._lock:
-            errors, self._load_errors = self._load_errors, set()
-        return errors
-
-    # ---- saves ----
-    def save(self, meta: KVStoreConnectorMetadata) -> None:
-        """Copy each new chunk out of the paged cache straight into an arena slot (inside the step);
-        the commit of the slots runs on the commit thread."""
-        if not meta.saves or self.layout is None:
-            return
-        client = self.agent.get()
-        if client is None:
-            return
-        chunk = self.settings.namespace.chunk_tokens
-        for spec in meta.saves:
-            for start in range(0, len(spec.keys), client.max_batch):
-                keys = spec.keys[start:start + client.max_batch]
-                first = spec.first_chunk + start
-                try:
-                    if client.codec == "raw":
-                        pending = client.begin_put(keys)
-                        for i, slot in client.raw_slot_views(pending):
-                            rows = self.layout.rows(spec.block_ids, (first + i) * chunk, chunk)
-                            gather(self.layers, self.layout, rows, slot)
-                        self._commits.put((client, pending))
-                    else:  # encoded codecs: copy out now, encode and store on the commit thread
-                        out = torch.empty((len(keys), *self.settings.geometry.shape),
-                                          dtype=self.settings.geometry.torch_dtype)
-                        for i in range(len(keys)):
-                            gather(self.layers, self.layout, self.layout.rows(spec.block_ids, (first + i) * chunk,
-                                                                              chunk), out[i])
-                        self._commits.put((client, (keys, out)))
-                except AgentUnavailable as exc:
-                    self.agent.failed(exc)
-                    return
-                except KVStoreError as exc:  # a lost save is only a future miss
-                    log.warning("kvstore: save of request %s skipped (%s)", spec.req_id, exc)
-
-    def _commit_loop(self) -> None:
-        while True:
-            item = self._commits.get()
-            if item is None:
-                return
-            client, work = item
-            try:
-                if isinstance(work, tuple):
-                    result = client.put(*work)
-                    stored = result.stored
-                else:
-                    stored = client.commit_put(work)[0]
-                with self._lock:
-                    self._stats.data["saved_chunks"] += stored
-            except KVStoreError as exc:  # a lost save is only a future miss
-                log.warning("kvstore: save failed (%s)", exc)
-
-    def close(self) -> None:
-        self._commits.put(None)
-        self._async_loads.put(None)
-        for thread in self._threads:
-            thread.join(timeout=_CALL_TIMEOUT_S)

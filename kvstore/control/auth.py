@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import KVStoreConfig, default_cache_dir
-from ..errors import ConfigError
+from ..errors import ConfigError, Unauthenticated
 
 
 @dataclass(frozen=True)
@@ -30,10 +30,6 @@ class Principal:
 
 
 ANYONE = Principal(None)
-
-
-class AuthFailed(Exception):
-    """No token, or one we do not know: UNAUTHENTICATED."""
 
 
 def default_token_path() -> Path:
@@ -99,11 +95,11 @@ class TokenAuth:
             return ANYONE
         header = next((value for key, value in metadata or () if key == "authorization"), None)
         if header is None:
-            raise AuthFailed("missing 'authorization: Bearer <token>' metadata")
+            raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
-            raise AuthFailed("authorization metadata must be 'Bearer <token>'")
+            raise Unauthenticated("authorization metadata must be 'Bearer <token>'")
         for known, principal in self.tokens.items():  # constant time per candidate
             if hmac.compare_digest(known.encode(), token.strip().encode()):
                 return principal
-        raise AuthFailed("unknown bearer token")
+        raise Unauthenticated("unknown bearer token")

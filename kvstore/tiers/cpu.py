@@ -8,18 +8,19 @@ place. The file is unlinked when the agent stops (and a stale one from a killed 
 from __future__ import annotations
 
 import itertools
-import mmap
 import os
 import secrets
 from pathlib import Path
 
 import numpy as np
 
-from ..codec import HEADER_BYTES, SERIAL_AT
+from ..codec import HEADER_BYTES
 from ..config import CpuConfig
 from ..errors import ConfigError
-from .index import MAX_VALUE, CuckooIndex
-from .memory import KEY_HALVES, MemoryTier
+from ..shm import LOCATION_UNIT, MAX_VALUE, map_arena, serial_word
+from ..vocab import KEY_HALVES
+from .index import CuckooIndex
+from .memory import MemoryTier
 from .slab import SMALL_ALIGN
 
 PAGE = 4096
@@ -27,7 +28,7 @@ ARENA_PREFIX = "kvstore-arena-"
 
 
 LOCATIONS_NAME = "kvstore-locations"
-LOCATION_UNIT = SMALL_ALIGN  # the locations index holds a slot's offset in these units (slots align to it)
+assert SMALL_ALIGN % LOCATION_UNIT == 0, "every slot offset must be a whole number of location units"
 # shared files named <prefix><agent pid>-<random>
 STALE_PREFIXES = (ARENA_PREFIX, "kvstore-directory-", f"{LOCATIONS_NAME}-")
 
@@ -62,16 +63,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def map_arena(path: str, nbytes: int, populate: bool) -> mmap.mmap:
-    """Map an arena file shared and writable; `populate` pre-faults its pages into this process."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate and hasattr(mmap, "MAP_POPULATE") else 0)
-        return mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    finally:
-        os.close(fd)
 
 
 class ShmArena:
@@ -148,7 +139,7 @@ class CpuTier(MemoryTier):
                 return False
             # A slot too small for a chunk header, or past 256 GiB of arena, is read pinned only.
             if nbytes >= HEADER_BYTES and offset // LOCATION_UNIT <= MAX_VALUE:
-                self._words[(offset + SERIAL_AT) >> 3] = next(self._serials)
+                self._words[serial_word(offset)] = next(self._serials)
                 low, high = KEY_HALVES.unpack(key)
                 self.locations.set(low, high, offset // LOCATION_UNIT)
             return True
@@ -156,7 +147,7 @@ class CpuTier(MemoryTier):
     def _remove(self, eid: int) -> bytes:
         # Unstamp first: from here on a reader's serial check fails, before anyone can reuse the slot.
         if self._nbytes[eid] >= HEADER_BYTES:
-            self._words[(int(self._offset[eid]) + SERIAL_AT) >> 3] = 0
+            self._words[serial_word(int(self._offset[eid]))] = 0
         self.locations.remove(int(self._lo[eid]), int(self._hi[eid]))
         return super()._remove(eid)
 

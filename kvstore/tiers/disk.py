@@ -1,9 +1,8 @@
 """Disk tier: chunks in append-only segment files, indexed in memory, verified on every read.
 
-Format (docs/disk-format.md): files ``seg-NNNNNNNN.kvs``, each a 4096-byte segment header followed by
-records: the 128-byte chunk header (carrying the payload checksum), the payload, zero padding to a
-multiple of 4096. A delete is a tombstone record. Opening the tier rebuilds the index by scanning the
-segments in id order.
+Format (docs/disk-format.md; the files and their I/O: segments.py): append-only segment files of records,
+a delete being a tombstone record. Opening the tier rebuilds the index by scanning the segments in id
+order.
 
 Invariants:
 - Only the newest segment can have a torn tail: a segment is fsynced when it is sealed, before the next
@@ -21,75 +20,25 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import itertools
 import logging
 import mmap
 import os
-import re
-import struct
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, Sequence
 
-import numpy as np
-import xxhash
-
-from ..codec import FLAG_TOMBSTONE, HEADER_BYTES, ChunkHeader
+from ..codec import HEADER_BYTES, ChunkHeader
 from ..config import AUTO, DiskConfig, auto_disk_capacity
 from ..errors import CapacityExhausted, ConfigError, CorruptChunk, InvalidArgument, KVStoreError, NotFound
-from ..layout import Geometry
+from .segments import (ALIGN, SEGMENT_HEADER_BYTES, SEGMENT_NAME, ZEROS, Entry, Segment, SegmentIO,
+                       check_direct_io, fsync_directory, groups, lock_directory, padded_size, preadv_all,
+                       read_segment, segment_header, tombstone, verify_record)
 
 log = logging.getLogger(__name__)
 
-ALIGN = 4096  # records start and end on this boundary: the page size and the O_DIRECT block size
-SEGMENT_HEADER_BYTES = ALIGN
-SEGMENT_MAGIC = b"KVSG"
-SEGMENT_VERSION = 1
-# magic, format version, reserved, segment id, created (ns since the epoch); then an xxh3-64 of these.
-_SEGMENT_HEADER = struct.Struct("<4sHHQQ")
-_SEGMENT_CHECK = struct.Struct("<Q")
-_SEGMENT_NAME = re.compile(r"seg-(\d{8,})\.kvs")
-_ZEROS = bytes(ALIGN)
-_IOV_MAX = os.sysconf("SC_IOV_MAX")
-_STAGING_BYTES = 8 << 20  # O_DIRECT write staging buffer
-# A tombstone carries no payload; the header still needs a valid geometry.
-_TOMBSTONE_GEOMETRY = Geometry(layers=1, heads=1, head_dim=1, tokens=1, planes=1, dtype="uint8")
 _ANY = object()  # _publish: replace whatever the key maps to
-
-
-class _Entry(NamedTuple):
-    """Index value: a plain tuple, so a million entries cost tuples, not objects with a __dict__."""
-
-    segment: int
-    offset: int
-    nbytes: int  # HEADER_BYTES + payload_len; the record occupies _padded(nbytes) on disk
-    namespace: bytes
-    hit: bool  # read since written: earns one second chance when its segment is evicted
-
-
-@dataclass(eq=False, slots=True)
-class _Segment:
-    """One segment file. Byte counts are of padded records; `size` is the file length."""
-
-    id: int
-    path: Path
-    fd: int
-    size: int
-    live_bytes: int = 0
-    dead_bytes: int = 0
-    keys: list = field(default_factory=list)  # key of every chunk record here, live or not
-    tombstones: list = field(default_factory=list)  # (key, namespace) of every tombstone here
-    readers: int = 0
-    retired: bool = False
-
-    def garbage_share(self) -> float:
-        area = self.size - SEGMENT_HEADER_BYTES
-        return self.dead_bytes / area if area > 0 else 0.0
-
 
 class DiskTier:
     """Chunks on a local file system: append in batches, read one chunk straight into a caller's buffer."""
@@ -106,23 +55,22 @@ class DiskTier:
         self._dir = Path(cfg.path).expanduser()
         self._lock = threading.Lock()
         self._append_lock = threading.Lock()
-        self._index: dict[bytes, _Entry] = {}
-        self._segments: dict[int, _Segment] = {}  # in id order: oldest first
+        self._index: dict[bytes, Entry] = {}
+        self._segments: dict[int, Segment] = {}  # in id order: oldest first
         self._namespaces: dict[bytes, bytes] = {}  # interned, so entries share one object per namespace
         self._counters = dict.fromkeys(
             ("bytes_written", "bytes_read", "corrupt_reads", "evicted_chunks", "recovered_chunks",
              "truncated_bytes", "compactions", "skipped_records"), 0)
         self._direct = cfg.o_direct
-        self._staging: memoryview | None = None
-        self._read_staging = threading.local()
+        self._io: SegmentIO | None = None
         self._verify_pool: ThreadPoolExecutor | None = None  # read_many's checksums (started on first use)
         self._closed = False
         self._dir.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = _lock_directory(self._dir)
+        self._lock_fd = lock_directory(self._dir)
         try:
             if self._direct:
-                _check_direct_io(self._dir)
-                self._staging = memoryview(mmap.mmap(-1, _STAGING_BYTES))  # page-aligned
+                check_direct_io(self._dir)
+            self._io = SegmentIO(self._direct, cfg.fsync)
             self._recover()
             self._capacity = self._resolve_capacity()
             # Eviction frees a segment at a time, so a segment must be a small part of the capacity.
@@ -152,7 +100,7 @@ class DiskTier:
             if not header.has_checksum:
                 header = header.with_checksum(payload)
             records.append((header, header.pack(), payload))
-        batch_bytes = sum(_padded(header.total_len) for header, _, _ in records)
+        batch_bytes = sum(padded_size(header.total_len) for header, _, _ in records)
         if batch_bytes > self._capacity:
             raise CapacityExhausted(f"a batch of {batch_bytes} bytes exceeds disk.capacity_bytes={self._capacity}")
         if not records:
@@ -187,7 +135,7 @@ class DiskTier:
         entry, segment = self._start_read(key, out)
         outcome = "error"
         try:
-            self._read_record(segment.fd, entry.offset, entry.nbytes, out)
+            self._io.read_record(segment.fd, entry.offset, entry.nbytes, out)
             header = self._verified(out, key, entry, segment)
             outcome = "hit"
             return header
@@ -213,7 +161,7 @@ class DiskTier:
                     results[i] = exc
                     continue
                 try:
-                    self._read_record(segment.fd, entry.offset, entry.nbytes, out)
+                    self._io.read_record(segment.fd, entry.offset, entry.nbytes, out)
                 except BaseException:
                     self._finish_read(key, entry, segment, "error")
                     raise
@@ -242,7 +190,7 @@ class DiskTier:
                 self._verify_pool = ThreadPoolExecutor(1, thread_name_prefix="kvstore-disk-verify")
             return self._verify_pool
 
-    def _start_read(self, key: bytes, out: memoryview) -> tuple["_Entry", "_Segment"]:
+    def _start_read(self, key: bytes, out: memoryview) -> tuple["Entry", "Segment"]:
         """The index entry of `key` and its segment, held open until _finish_read."""
         with self._lock:
             entry = self._index.get(key)
@@ -254,14 +202,14 @@ class DiskTier:
             segment.readers += 1
         return entry, segment
 
-    def _verified(self, record: memoryview, key: bytes, entry: "_Entry", segment: "_Segment") -> ChunkHeader:
+    def _verified(self, record: memoryview, key: bytes, entry: "Entry", segment: "Segment") -> ChunkHeader:
         try:
-            return _verify_record(record, key, entry)
+            return verify_record(record, key, entry)
         except CorruptChunk as exc:
             log.warning("disk: chunk %s in %s at %d is corrupt: %s", key.hex(), segment.path.name, entry.offset, exc)
             raise
 
-    def _finish_read(self, key: bytes, entry: "_Entry", segment: "_Segment", outcome: str) -> None:
+    def _finish_read(self, key: bytes, entry: "Entry", segment: "Segment", outcome: str) -> None:
         """Count a read ("hit", "corrupt" or "error"); a corrupt record leaves the index."""
         with self._lock:
             self._end_read(segment)
@@ -281,7 +229,7 @@ class DiskTier:
                 doomed = {key: self._index[key].namespace for key in keys if key in self._index}
             if not doomed:
                 return 0
-            self._write_and_publish([_tombstone(key, namespace) for key, namespace in doomed.items()])
+            self._write_and_publish([tombstone(key, namespace) for key, namespace in doomed.items()])
             evicted = self._reclaim()
         self._report_evicted(evicted)
         return len(doomed)
@@ -311,8 +259,8 @@ class DiskTier:
                 entry = self._index.get(key)
                 if entry is not None:
                     fd = self._segments[entry.segment].fd
-                    os.posix_fadvise(fd, entry.offset, _padded(entry.nbytes), os.POSIX_FADV_WILLNEED)
-                    spans.setdefault(entry.segment, []).append((entry.offset, entry.offset + _padded(entry.nbytes)))
+                    os.posix_fadvise(fd, entry.offset, padded_size(entry.nbytes), os.POSIX_FADV_WILLNEED)
+                    spans.setdefault(entry.segment, []).append((entry.offset, entry.offset + padded_size(entry.nbytes)))
             for segment_id, records in spans.items():
                 records.sort()
                 back_to_back = all(records[i][0] == records[i - 1][1] for i in range(1, len(records)))
@@ -354,10 +302,8 @@ class DiskTier:
                     os.close(segment.fd)
             self._segments.clear()
             self._index.clear()
-            if self._staging is not None:
-                staging_map = self._staging.obj
-                self._staging.release()
-                staging_map.close()
+            if self._io is not None:
+                self._io.close()
             os.close(self._lock_fd)  # releases the flock
             pool, self._verify_pool = self._verify_pool, None
         if pool is not None:
@@ -381,31 +327,31 @@ class DiskTier:
                 segment.size = max(segment.size, offset + padded)
                 self._counters["bytes_written"] += padded
 
-    def _write(self, records: list) -> list[tuple[_Segment, int, int]]:
+    def _write(self, records: list) -> list[tuple[Segment, int, int]]:
         """Write records back to back into the active segment, rolling as needed; durable on return.
 
         Returns (segment, offset, padded length) per record. On failure every touched segment is cut
         back, so nothing of an unacknowledged batch survives to be recovered.
         """
-        placements: list[tuple[_Segment, int, int]] = []
-        touched: list[tuple[_Segment, int]] = []
+        placements: list[tuple[Segment, int, int]] = []
+        touched: list[tuple[Segment, int]] = []
         segment = self._active
         start = end = segment.size
         buffers: list = []
         try:
             for _, header_bytes, payload in records:
-                padded = _padded(HEADER_BYTES + len(payload))
+                padded = padded_size(HEADER_BYTES + len(payload))
                 if end > SEGMENT_HEADER_BYTES and end + padded > self._segment_limit:
                     touched.append((segment, start))
-                    self._write_durably(segment.fd, start, buffers)  # sealed: synced before the next gets a byte
+                    self._io.write(segment.fd, start, buffers, durably=True)  # sealed: synced before the next gets a byte
                     segment = self._roll()
                     start = end = segment.size
                     buffers = []
-                buffers += (header_bytes, payload, _ZEROS[:padded - HEADER_BYTES - len(payload)])
+                buffers += (header_bytes, payload, ZEROS[:padded - HEADER_BYTES - len(payload)])
                 placements.append((segment, end, padded))
                 end += padded
             touched.append((segment, start))
-            self._write_durably(segment.fd, start, buffers)
+            self._io.write(segment.fd, start, buffers, durably=True)
         except OSError:
             for touched_segment, touched_start in touched:
                 with contextlib.suppress(OSError):
@@ -413,51 +359,25 @@ class DiskTier:
             raise
         return placements
 
-    def _write_durably(self, fd: int, offset: int, buffers: list) -> None:
-        self._write_at(fd, offset, buffers)
-        if self._cfg.fsync:
-            os.fdatasync(fd)
-
-    def _write_at(self, fd: int, offset: int, buffers: list) -> None:
-        """Write `buffers` back to back from `offset`: one pwritev per IOV_MAX buffers, or, with O_DIRECT,
-        through the aligned staging buffer (every write here is a multiple of ALIGN at an aligned offset)."""
-        if self._staging is None:
-            _pwritev_all(fd, buffers, offset)
-            return
-        staging, fill = self._staging, 0
-        for buffer in buffers:
-            buffer = memoryview(buffer).cast("B")
-            while len(buffer):
-                n = min(len(buffer), len(staging) - fill)
-                staging[fill:fill + n] = buffer[:n]
-                fill += n
-                buffer = buffer[n:]
-                if fill == len(staging):
-                    _pwritev_all(fd, [staging], offset)
-                    offset, fill = offset + fill, 0
-        if fill:
-            _pwritev_all(fd, [staging[:fill]], offset)
-
-    def _roll(self) -> _Segment:
+    def _roll(self) -> Segment:
         self._active = self._create_segment(self._active.id + 1)
         return self._active
 
-    def _create_segment(self, segment_id: int) -> _Segment:
+    def _create_segment(self, segment_id: int) -> Segment:
         path = self._dir / f"seg-{segment_id:08d}.kvs"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | self._direct_flag(), 0o644)
-        header = _SEGMENT_HEADER.pack(SEGMENT_MAGIC, SEGMENT_VERSION, 0, segment_id, time.time_ns())
-        header += _SEGMENT_CHECK.pack(xxhash.xxh3_64_intdigest(header))
+        header = segment_header(segment_id)
         try:
             # Synced with the segment's first batch; a crash before that leaves a newest segment with a
             # bad header, which recovery removes.
-            self._write_at(fd, 0, [header, _ZEROS[len(header):]])
+            self._io.write(fd, 0, [header, ZEROS[len(header):]])
             if self._cfg.fsync:
-                _fsync_directory(self._dir)
+                fsync_directory(self._dir)
         except OSError:
             os.close(fd)
             path.unlink()
             raise
-        segment = _Segment(segment_id, path, fd, SEGMENT_HEADER_BYTES)
+        segment = Segment(segment_id, path, fd, SEGMENT_HEADER_BYTES)
         with self._lock:
             self._segments[segment_id] = segment
             self._counters["bytes_written"] += SEGMENT_HEADER_BYTES
@@ -468,7 +388,7 @@ class DiskTier:
 
     # ---- index ------------------------------------------------------------------------------------
 
-    def _publish(self, segment: _Segment, header: ChunkHeader, offset: int, padded: int, expected=_ANY) -> None:
+    def _publish(self, segment: Segment, header: ChunkHeader, offset: int, padded: int, expected=_ANY) -> None:
         """Index one written record (caller holds _lock)."""
         key = header.key
         if header.is_tombstone:
@@ -481,7 +401,7 @@ class DiskTier:
             return
         self._forget(key)
         namespace = self._namespaces.setdefault(header.namespace, header.namespace)
-        self._index[key] = _Entry(segment.id, offset, header.total_len, namespace, False)
+        self._index[key] = Entry(segment.id, offset, header.total_len, namespace, False)
         segment.live_bytes += padded
 
     def _forget(self, key: bytes) -> None:
@@ -489,45 +409,22 @@ class DiskTier:
         entry = self._index.pop(key, None)
         if entry is not None:
             segment = self._segments[entry.segment]
-            segment.live_bytes -= _padded(entry.nbytes)
-            segment.dead_bytes += _padded(entry.nbytes)
+            segment.live_bytes -= padded_size(entry.nbytes)
+            segment.dead_bytes += padded_size(entry.nbytes)
 
-    def _still_at(self, key: bytes, entry: _Entry) -> bool:
+    def _still_at(self, key: bytes, entry: Entry) -> bool:
         """Whether `key` still maps to the record `entry` names (its hit flag may have changed since)."""
         current = self._index.get(key)
         return current is not None and (current.segment, current.offset) == (entry.segment, entry.offset)
 
-    def _live_entries(self, segment: _Segment) -> list[tuple[bytes, _Entry]]:
+    def _live_entries(self, segment: Segment) -> list[tuple[bytes, Entry]]:
         with self._lock:
             return [(key, entry) for key in dict.fromkeys(segment.keys)
                     if (entry := self._index.get(key)) is not None and entry.segment == segment.id]
 
     # ---- reading ----------------------------------------------------------------------------------
 
-    def _read_record(self, fd: int, offset: int, nbytes: int, out: memoryview) -> None:
-        if self._direct:
-            padded = _padded(nbytes)
-            if len(out) >= padded and _address(out) % ALIGN == 0:
-                got = _preadv_all(fd, out[:padded], offset)
-            else:
-                staging = self._read_buffer(padded)
-                got = _preadv_all(fd, staging[:padded], offset)
-                if got >= nbytes:
-                    out[:nbytes] = staging[:nbytes]
-        else:
-            got = _preadv_all(fd, out[:nbytes], offset)
-        if got < nbytes:
-            raise CorruptChunk(f"short read: {got} of {nbytes} bytes")
-
-    def _read_buffer(self, nbytes: int) -> memoryview:
-        """A per-thread page-aligned buffer for O_DIRECT reads into unaligned destinations."""
-        buffer = getattr(self._read_staging, "buffer", None)
-        if buffer is None or len(buffer) < nbytes:
-            buffer = memoryview(mmap.mmap(-1, max(nbytes, 1 << 20)))
-            self._read_staging.buffer = buffer
-        return buffer
-
-    def _end_read(self, segment: _Segment) -> None:
+    def _end_read(self, segment: Segment) -> None:
         """Caller holds _lock."""
         segment.readers -= 1
         if segment.retired and segment.readers == 0:
@@ -553,24 +450,24 @@ class DiskTier:
                 return gone
             gone += self._evict(oldest)
 
-    def _compact(self, segment: _Segment) -> list[bytes]:
+    def _compact(self, segment: Segment) -> list[bytes]:
         """Move the live records forward, keep the tombstones still needed, delete the file."""
         lost = self._copy_forward(segment, self._live_entries(segment))
-        self._write_and_publish([_tombstone(key, namespace) for key, namespace in self._needed_tombstones(segment)])
+        self._write_and_publish([tombstone(key, namespace) for key, namespace in self._needed_tombstones(segment)])
         self._retire(segment)
         with self._lock:
             self._counters["compactions"] += 1
         log.info("disk: compacted %s", segment.path.name)
         return lost
 
-    def _evict(self, segment: _Segment) -> list[bytes]:
+    def _evict(self, segment: Segment) -> list[bytes]:
         """Drop the oldest segment. Records read since written get a second chance (copied forward),
         bounded to half the segment so the drop always frees space; the rest leave the tier."""
         live = self._live_entries(segment)
         budget, second_chance = segment.size // 2, []
         for key, entry in live:
-            if entry.hit and _padded(entry.nbytes) <= budget:
-                budget -= _padded(entry.nbytes)
+            if entry.hit and padded_size(entry.nbytes) <= budget:
+                budget -= padded_size(entry.nbytes)
                 second_chance.append((key, entry))
         lost = self._copy_forward(segment, second_chance) if second_chance else []
         kept = {key for key, _ in second_chance}
@@ -585,23 +482,23 @@ class DiskTier:
         self._retire(segment)
         return evicted + lost
 
-    def _copy_forward(self, segment: _Segment, entries: list[tuple[bytes, _Entry]]) -> list[bytes]:
+    def _copy_forward(self, segment: Segment, entries: list[tuple[bytes, Entry]]) -> list[bytes]:
         """Rewrite these records of `segment` into the active segment, a batch at a time.
 
         Each is verified first; a corrupt one is dropped and its key returned.
         """
         lost: list[bytes] = []
-        for group in _groups(entries, self._cfg.batch_bytes):
-            buffer = memoryview(mmap.mmap(-1, sum(_padded(entry.nbytes) for _, entry in group)))  # aligned
+        for group in groups(entries, self._cfg.batch_bytes):
+            buffer = memoryview(mmap.mmap(-1, sum(padded_size(entry.nbytes) for _, entry in group)))  # aligned
             records, replaces, position = [], [], 0
             for key, entry in group:
-                record = buffer[position:position + _padded(entry.nbytes)]
+                record = buffer[position:position + padded_size(entry.nbytes)]
                 position += len(record)
                 try:
                     # The whole padded record, so the read is aligned for O_DIRECT.
-                    if _preadv_all(segment.fd, record, entry.offset) < entry.nbytes:
+                    if preadv_all(segment.fd, record, entry.offset) < entry.nbytes:
                         raise CorruptChunk("short read")
-                    header = _verify_record(record, key, entry)
+                    header = verify_record(record, key, entry)
                 except CorruptChunk as exc:
                     log.warning("disk: dropping corrupt chunk %s from %s: %s", key.hex(), segment.path.name, exc)
                     with self._lock:
@@ -615,7 +512,7 @@ class DiskTier:
             self._write_and_publish(records, replaces)
         return lost
 
-    def _needed_tombstones(self, segment: _Segment) -> list[tuple[bytes, bytes]]:
+    def _needed_tombstones(self, segment: Segment) -> list[tuple[bytes, bytes]]:
         """Tombstones of `segment` that still delete something: an older segment holds a record of the
         key, and the key has not been written again since (a newer record wins without them)."""
         with self._lock:
@@ -626,7 +523,7 @@ class DiskTier:
             return [(key, namespace) for key, namespace in dict(segment.tombstones).items()
                     if key in held and key not in self._index]
 
-    def _retire(self, segment: _Segment) -> None:
+    def _retire(self, segment: Segment) -> None:
         """Forget the segment and delete its file; the fd closes when its last reader is done."""
         with self._lock:
             del self._segments[segment.id]
@@ -635,13 +532,13 @@ class DiskTier:
                 os.close(segment.fd)
         segment.path.unlink()
         if self._cfg.fsync:
-            _fsync_directory(self._dir)  # else a crash could bring back records whose tombstones are gone
+            fsync_directory(self._dir)  # else a crash could bring back records whose tombstones are gone
 
     # ---- recovery ---------------------------------------------------------------------------------
 
     def _recover(self) -> None:
         found = sorted((int(match[1]), path) for path in self._dir.iterdir()
-                       if (match := _SEGMENT_NAME.fullmatch(path.name)))
+                       if (match := SEGMENT_NAME.fullmatch(path.name)))
         for position, (segment_id, path) in enumerate(found):
             self._recover_segment(segment_id, path, newest=position == len(found) - 1)
         self._counters["recovered_chunks"] = len(self._index)
@@ -650,31 +547,9 @@ class DiskTier:
 
     def _recover_segment(self, segment_id: int, path: Path, newest: bool) -> None:
         """Index one segment's records from their headers (and, in the newest, verify payloads)."""
-        with open(path, "rb", buffering=0) as file:  # buffered I/O: O_DIRECT would need aligned reads
-            fd = file.fileno()
-            size = os.fstat(fd).st_size
-            if not _valid_segment_header(os.pread(fd, SEGMENT_HEADER_BYTES, 0), segment_id):
-                if newest:  # created, but the crash came before its first fsync
-                    log.warning("disk: removing %s: torn segment header", path.name)
-                    self._counters["truncated_bytes"] += size
-                    path.unlink()
-                    return
-                log.error("disk: %s has a bad segment header; its records are unreadable", path.name)
-                self._counters["skipped_records"] += 1
-                records, end = [], SEGMENT_HEADER_BYTES
-            else:
-                records, end = _scan_records(fd, size, verify_payloads=newest)
-        if end < size:
-            if newest:
-                log.warning("disk: %s: cutting a torn tail of %d bytes at offset %d", path.name, size - end, end)
-                os.truncate(path, end)
-                self._counters["truncated_bytes"] += size - end
-            else:
-                log.error("disk: %s: bad record at offset %d; skipping the last %d bytes", path.name, end, size - end)
-                self._counters["skipped_records"] += 1
-        segment = _Segment(segment_id, path, os.open(path, os.O_RDWR | os.O_CLOEXEC | self._direct_flag()),
-                           size=max(end if newest else size, SEGMENT_HEADER_BYTES))
-        segment.dead_bytes = segment.size - max(end, SEGMENT_HEADER_BYTES)
+        segment, records = read_segment(path, segment_id, newest, self._direct_flag(), self._counters)
+        if segment is None:
+            return
         with self._lock:
             self._segments[segment_id] = segment
             for header, offset, padded in records:
@@ -689,134 +564,3 @@ class DiskTier:
         # Called without our locks, so the callback may call back into the tier.
         if keys and self._on_evict is not None:
             self._on_evict(keys)
-
-
-# ---- helpers --------------------------------------------------------------------------------------
-
-def _padded(nbytes: int) -> int:
-    return -(-nbytes // ALIGN) * ALIGN
-
-
-def _address(buffer: memoryview) -> int:
-    return np.frombuffer(buffer, dtype=np.uint8).ctypes.data
-
-
-def _tombstone(key: bytes, namespace: bytes) -> tuple[ChunkHeader, bytes, bytes]:
-    header = ChunkHeader(codec="raw", geometry=_TOMBSTONE_GEOMETRY, payload_len=0, namespace=namespace,
-                         key=key, flags=FLAG_TOMBSTONE).with_checksum(b"")
-    return header, header.pack(), b""
-
-
-def _verify_record(record: memoryview, key: bytes, entry: _Entry) -> ChunkHeader:
-    """Decode and check a record read from disk against the index entry that pointed at it."""
-    header = ChunkHeader.unpack(record)
-    if header.key != key or header.namespace != entry.namespace or header.is_tombstone:
-        raise CorruptChunk(f"record at offset {entry.offset} belongs to another chunk")
-    header.verify(record[HEADER_BYTES:entry.nbytes])
-    return header
-
-
-def _scan_records(fd: int, size: int, verify_payloads: bool) -> tuple[list, int]:
-    """Walk a segment's records up to the first bad or incomplete one.
-
-    Returns ([(header, offset, padded)], end): `end` is where the good records stop.
-    """
-    records, offset = [], SEGMENT_HEADER_BYTES
-    while offset < size:
-        try:
-            header = ChunkHeader.unpack(os.pread(fd, HEADER_BYTES, offset))
-            padded = _padded(header.total_len)
-            if offset + padded > size:
-                raise CorruptChunk(f"record of {padded} bytes runs past the end of the file")
-            if verify_payloads:
-                header.verify(os.pread(fd, header.payload_len, offset + HEADER_BYTES))
-        except CorruptChunk:
-            break
-        records.append((header, offset, padded))
-        offset += padded
-    return records, offset
-
-
-def _valid_segment_header(raw: bytes, segment_id: int) -> bool:
-    if len(raw) < _SEGMENT_HEADER.size + _SEGMENT_CHECK.size:
-        return False
-    magic, version, _, stored_id, _ = _SEGMENT_HEADER.unpack_from(raw)
-    (check,) = _SEGMENT_CHECK.unpack_from(raw, _SEGMENT_HEADER.size)
-    return (magic == SEGMENT_MAGIC and version == SEGMENT_VERSION and stored_id == segment_id
-            and check == xxhash.xxh3_64_intdigest(raw[:_SEGMENT_HEADER.size]))
-
-
-def _groups(entries: list[tuple[bytes, _Entry]], batch_bytes: int) -> Iterator[list[tuple[bytes, _Entry]]]:
-    """Split entries into runs of about `batch_bytes` (at least one entry each)."""
-    group, size = [], 0
-    for item in entries:
-        group.append(item)
-        size += _padded(item[1].nbytes)
-        if size >= batch_bytes:
-            yield group
-            group, size = [], 0
-    if group:
-        yield group
-
-
-def _pwritev_all(fd: int, buffers: list, offset: int) -> None:
-    """pwritev the buffers back to back from `offset`, IOV_MAX at a time, resuming after short writes."""
-    pending = [view for view in (memoryview(b).cast("B") for b in buffers) if len(view)]
-    while pending:
-        group = pending[:_IOV_MAX]
-        written = os.pwritev(fd, group, offset)
-        offset += written
-        done = 0
-        while done < len(group) and written >= len(group[done]):
-            written -= len(group[done])
-            done += 1
-        pending = pending[done:]
-        if written:
-            pending[0] = pending[0][written:]
-
-
-def _preadv_all(fd: int, out: memoryview, offset: int) -> int:
-    """Fill `out` from `offset` (one preadv unless the kernel returns short); returns bytes read."""
-    total = 0
-    while total < len(out):
-        n = os.preadv(fd, [out[total:]], offset + total)
-        if n == 0:
-            break
-        total += n
-    return total
-
-
-def _lock_directory(directory: Path) -> int:
-    fd = os.open(directory / "LOCK", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ConfigError(f"disk.path: {directory} is in use by another kvstore agent") from None
-    return fd
-
-
-def _check_direct_io(directory: Path) -> None:
-    """Raise ConfigError unless the file system at `directory` accepts aligned O_DIRECT I/O."""
-    probe = directory / ".o_direct-probe"
-    buffer = mmap.mmap(-1, ALIGN)
-    try:
-        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_DIRECT | os.O_CLOEXEC, 0o600)
-        try:
-            os.pwrite(fd, buffer, 0)
-            os.preadv(fd, [buffer], 0)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise ConfigError(f"disk.o_direct is not supported at {directory}: {exc}") from None
-    finally:
-        buffer.close()
-        probe.unlink(missing_ok=True)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

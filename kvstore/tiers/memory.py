@@ -7,21 +7,26 @@ bytes per entry), a slab pool for space and an eviction policy for order. What b
 The index (key -> entry id) is a CuckooIndex (index.py): numpy arrays, no Python object per key, so a
 batch find costs the same at 10^3 and 10^6 entries.
 
+It also keeps the keys being written: a writer that reserved a slot for a key claims it (`claim`)
+until the slot is indexed or given back, so a second writer of the same key learns that it is on its
+way instead of writing it twice.
+
 Invariants:
 - an entry with pins > 0 is never evicted or removed by eviction;
 - a slot is in exactly one of: free in the pool, reserved by a caller (not indexed), or indexed;
-- `used_bytes` counts slots handed out (indexed or reserved).
+- `used_bytes` counts slots handed out (indexed or reserved);
+- a key is claimed only while it is not indexed.
 """
 
 from __future__ import annotations
 
-import struct
 import threading
-from typing import Callable, Protocol, Sequence
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
 from ..errors import CapacityExhausted, ChunkTooLarge
+from ..vocab import KEY_HALVES, pack_keys
 from .index import CuckooIndex
 from .policy import make_policy
 from .slab import SlabPool
@@ -29,14 +34,19 @@ from .slab import SlabPool
 FLAG_ON_DISK = 0x01  # a durable copy exists on the disk tier
 FLAG_QUEUED = 0x02  # waiting for write-behind (and pinned for it)
 
+
+
+class Entry(NamedTuple):
+    """One indexed chunk."""
+
+    key: bytes
+    offset: int
+    nbytes: int
+    ns_id: int
+    flags: int
+
+
 _UNHELPFUL_EVICTIONS = 32  # evictions of other classes before freeing a whole slab instead
-KEY_HALVES = struct.Struct("<QQ")  # a 16-byte key as its (low, high) 64-bit halves
-
-
-def pack_keys(keys: bytes | Sequence[bytes]) -> np.ndarray:
-    """16-byte keys (a blob or a sequence) as an [n, 2] uint64 array of (low, high) halves, no copy of a blob."""
-    blob = keys if isinstance(keys, (bytes, bytearray, memoryview)) else b"".join(keys)
-    return np.frombuffer(blob, dtype="<u8").reshape(-1, 2)
 
 
 class Backing(Protocol):
@@ -69,6 +79,7 @@ class MemoryTier:
         self._pins = np.zeros(1024, dtype=np.int32)
         self._ns = np.zeros(1024, dtype=np.uint32)
         self._flags = np.zeros(1024, dtype=np.uint8)
+        self._claims: set[bytes] = set()  # keys reserved a slot for, not indexed yet
         self.stored_bytes = 0  # bytes of indexed chunks (not slots)
         self.evictions = 0
 
@@ -187,10 +198,29 @@ class MemoryTier:
     def __len__(self) -> int:
         return len(self._index)
 
-    def entry(self, eid: int) -> tuple[bytes, int, int, int, int]:
-        """(key, offset, nbytes, namespace id, flags) of a live entry."""
-        return (self.key_of(eid), int(self._offset[eid]), int(self._nbytes[eid]), int(self._ns[eid]),
-                int(self._flags[eid]))
+    def entry(self, eid: int) -> Entry:
+        """A live entry's record."""
+        return Entry(self.key_of(eid), int(self._offset[eid]), int(self._nbytes[eid]), int(self._ns[eid]),
+                     int(self._flags[eid]))
+
+    # ---- keys being written ------------------------------------------------------------------------
+    def claim(self, key: bytes) -> bool:
+        """Note that `key` is being written into a reserved slot; False if it is claimed already (the
+        other writer's copy is on its way: nothing to write). Callers check first that it is not
+        stored, under the tier's lock."""
+        with self.lock:
+            if key in self._claims:
+                return False
+            self._claims.add(key)
+            return True
+
+    def claimed(self, key: bytes) -> bool:
+        return key in self._claims
+
+    def unclaim(self, key: bytes) -> None:
+        """The write of `key` ended (indexed, refused or abandoned)."""
+        with self.lock:
+            self._claims.discard(key)
 
     def namespace_ids(self, eids: np.ndarray) -> np.ndarray:
         """Namespace id of each entry id (anything for -1: callers mask misses)."""

@@ -6,7 +6,7 @@ events: our stream waits for work already queued on torch's current stream befor
 cache, and torch's current stream waits for our copies before it runs anything queued after this call,
 so a caller sees the same ordering as the torch kernels and never has to synchronise the host.
 
-The copies are laid out by kernels.copy_jobs. When the layers share one allocation, as vLLM 0.32's do,
+The copies are laid out by jobs.copy_jobs. When the layers share one allocation, as vLLM 0.32's do,
 a single take or assignment covers every layer. Otherwise there is one per layer, queued asynchronously.
 
 Imported lazily by kernels.array_backend, only for CUDA tensors and only when CuPy is installed. There is
@@ -21,7 +21,7 @@ from typing import Sequence
 import cupy
 import torch
 
-from .kernels import copy_jobs
+from .jobs import copy_jobs
 from .paged import PagedLayout
 
 # CuPy has no bfloat16 or float8 through DLPack; a copy only moves bytes, so hand over same-width ints.

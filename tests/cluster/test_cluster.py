@@ -5,7 +5,6 @@ thing in the tests that need every node (`all_alive`)."""
 
 from __future__ import annotations
 
-import ipaddress
 import threading
 import time
 
@@ -17,8 +16,11 @@ import torch
 from kvstore.codec import HEADER_BYTES
 from kvstore.errors import AgentUnavailable
 
-from ..conftest import small_chunks, tokens
-from .conftest import store_only_on_a
+from ..support.data import small_chunks, tokens
+from ..support.cluster import is_loopback as _is_loopback
+from ..support.cluster import link_call, store_only_on_a
+
+pytestmark = pytest.mark.integration
 
 
 def _prefix_tokens(n_chunks: int, base: int) -> np.ndarray:
@@ -49,9 +51,9 @@ def test_a_stores_and_c_gets_identical_bytes(cluster):
     local_on_c = c.contains(keys)
     assert [t == "remote" for t in before.tiers] == [not held for held in local_on_c]
     assert not all(local_on_c)  # with r=2 over 3 nodes, C cannot hold every chunk of A's
-    got = c.get(keys)
-    assert torch.equal(got, data)  # identical bytes
-    assert c.last_remote_hits == [i for i, held in enumerate(local_on_c) if not held]
+    result = c.read(keys)
+    assert torch.equal(result.chunks, data)  # identical bytes
+    assert list(result.remote) == [i for i, held in enumerate(local_on_c) if not held]
     assert c.lookup(keys).tiers == ("cpu",) * 8  # pulled into C's arena: local now
     assert c.stats()["cluster"]["counters"]["remote_pulled_chunks"] >= 8 - sum(local_on_c)
 
@@ -100,49 +102,46 @@ def test_remote_chunk_failing_its_checksum_is_a_miss_never_data(cluster):
     # The replica's header carries the payload checksum it arrived with; flip a payload byte there,
     # and remove A's own copy, so the corrupt replica is the only one left.
     victim = replica.client()
-    with victim._pinned_slots(keys, prefix=True) as slots:
+    with victim._reader._pinned_slots(keys, prefix=True) as slots:
         (_, offset, _), = slots
         victim.conn.arena_np[offset + HEADER_BYTES + 100] ^= 0xFF
     a.evict(keys, tiers=("cpu", "disk"))
     assert a.flush(timeout=30)
     client = reader.client()
-    got = client.get(keys)
-    assert got.shape[0] == 0
-    assert client.last_miss_reasons == {0: "remote_checksum"}
+    result = client.read(keys)
+    assert result.chunks.shape[0] == 0
+    assert result.misses == {0: "remote_checksum"}
     assert client.stats()["cluster"]["counters"]["miss_remote_checksum"] >= 1
     assert client.lookup(keys).tiers == ("remote",)  # the directory still names the holder: advice only
 
 
 def test_a_stale_directory_entry_is_a_miss_with_its_reason(cluster):
     """The directory says A holds a chunk A never had (as after an eviction whose update was lost)."""
-    import ray
-
     from kvstore.cluster.placement import owners
-    from kvstore.node import DIR_BITS, TIER_CPU
+    from kvstore.vocab import TierBits
 
     c = cluster["c"].client()
     keys = c.keys(_prefix_tokens(1, base=7))
     members = sorted(agent.node_id for agent in cluster.agents.values())
     owner = next(a for a in cluster.agents.values() if a.node_id == members[int(owners(keys[0], members)[0])])
-    ray.get(owner.handle.apply_updates.remote(cluster["a"].node_id, keys[0], bytes([DIR_BITS[TIER_CPU]])), timeout=30)
+    assert link_call(owner, "apply", {"node": cluster["a"].node_id, "keys": keys[0],
+                                      "bits": bytes([TierBits.CPU])}) == ["ok", {"applied": 1}]
     assert c.lookup(keys).tiers == ("remote",)  # advice: the directory believes A
-    got = c.get(keys)
-    assert got.shape[0] == 0  # never data
-    assert c.last_miss_reasons == {0: "remote_evicted"}
+    result = c.read(keys)
+    assert result.chunks.shape[0] == 0  # never data
+    assert result.misses == {0: "remote_evicted"}
     assert c.stats()["cluster"]["counters"]["miss_remote_evicted"] >= 1
 
 
-def test_b_pulls_over_the_peer_link_and_c_over_ray(cluster):
-    """a and b have peer links, c has none (conftest): the same chunks reach b over the link, c over Ray."""
+def test_b_and_c_pull_over_the_peer_link(cluster):
+    """Only a holds the chunks: b and c each pull them from a over their peer links."""
     keys, data = store_only_on_a(cluster, _prefix_tokens(6, base=8), small_chunks(6, seed=18))
-    for name, path in (("b", "link_pulled_chunks"), ("c", "remote_pulled_chunks")):
+    for name in ("b", "c"):
         client = cluster[name].client()
         before = client.stats()["cluster"]["counters"]
         assert torch.equal(client.get(keys), data), name
         after = client.stats()["cluster"]["counters"]
-        assert after.get(path, 0) - before.get(path, 0) == 6, (name, after)
-        if name == "c":
-            assert after.get("link_pulled_chunks", 0) == 0
+        assert after.get("link_pulled_chunks", 0) - before.get("link_pulled_chunks", 0) == 6, (name, after)
 
 
 def test_peer_link_needs_the_secret_and_stays_in_step_after_bad_requests(cluster):
@@ -150,11 +149,10 @@ def test_peer_link_needs_the_secret_and_stays_in_step_after_bad_requests(cluster
 
     import ray
 
-    from kvstore.protocol import FrameReader, pack
+    from kvstore.wire.framing import FrameReader, pack
 
     _, (host, port, secret) = ray.get(cluster["a"].handle.ping.remote(), timeout=30)
     assert _is_loopback(host)
-    assert ray.get(cluster["c"].handle.ping.remote(), timeout=30)[1] is None  # c serves no link
     with socket.create_connection((host, port), timeout=10) as sock:
         sock.sendall(pack(["hello", {"secret": "not-" + secret}]))
         assert FrameReader(sock, 1 << 20).read()[:2] == ["err", "unauthenticated"]
@@ -166,6 +164,9 @@ def test_peer_link_needs_the_secret_and_stays_in_step_after_bad_requests(cluster
         sock.sendall(pack(["nonsense", {}]))
         assert frames.read()[:2] == ["err", "invalid_argument"]
         sock.sendall(pack(["holders", {"keys": b"x" * 15}]))
+        assert frames.read()[:2] == ["err", "invalid_argument"]
+        sock.sendall(pack(["import", {"sizes": [200], "keys": b"x" * 15}]))  # refused, its stream read past
+        sock.sendall(bytes(200))
         assert frames.read()[:2] == ["err", "invalid_argument"]
         sock.sendall(pack(["holders", {"keys": b"k" * 32}]))  # the same connection still answers
         status, answers = frames.read()
@@ -212,8 +213,8 @@ def test_with_r2_killing_b_mid_workload_loses_no_chunk_and_never_hangs(cluster):
         deadline = time.monotonic() + 30
         while c.lookup(keys[p]).chunks < 4 and time.monotonic() < deadline:
             time.sleep(0.2)
-        got = c.get(keys[p])
-        assert torch.equal(got, data[p]), f"prompt {p}: {got.shape[0]} of 4 chunks, {c.last_miss_reasons}"
+        result = c.read(keys[p])
+        assert torch.equal(result.chunks, data[p]), f"prompt {p}: {result.chunks.shape[0]} of 4 chunks, {result.misses}"
     assert c.stats()["cluster"]["counters"]["peers_departed"] >= 1
 
 
@@ -256,12 +257,6 @@ def test_dead_directory_owner_or_peer_is_a_miss_within_the_deadline(cluster):
         a.lookup(keys[:1]) if not a.conn.directory else a.get(keys[:1])
 
 
-def _is_loopback(ip: str) -> bool:
-    address = ipaddress.ip_address(ip)
-    mapped = getattr(address, "ipv4_mapped", None)  # '::ffff:127.0.0.1': IPv4 loopback on a dual socket
-    return (mapped or address).is_loopback
-
-
 def test_loopback_check_rejects_other_addresses():
     assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("::ffff:127.0.0.1")
     assert not _is_loopback("0.0.0.0") and not _is_loopback("::") and not _is_loopback("10.1.2.3")
@@ -288,7 +283,7 @@ def test_controller_in_front_of_one_agent_answers_for_every_node(cluster, contro
     the whole cluster (the holders as each node's own store knows them, every member's tiers)."""
     from kvstore.proto import kvstore_pb2 as pb
 
-    from ..conftest import SMALL_NS
+    from ..support.data import SMALL_NS
 
     control = control_a
     b = cluster["b"].client()
@@ -330,7 +325,7 @@ def test_controller_lists_pins_evicts_and_moves_on_every_node(cluster, control_a
 
     from kvstore.proto import kvstore_pb2 as pb
 
-    from ..conftest import SMALL_NS
+    from ..support.data import SMALL_NS
 
     control = control_a
     b = cluster["b"].client()
@@ -394,7 +389,7 @@ def test_controller_with_a_member_down_answers_for_the_rest_and_names_it(cluster
 
     from kvstore.proto import kvstore_pb2 as pb
 
-    from ..conftest import SMALL_NS
+    from ..support.data import SMALL_NS
 
     b = cluster["b"].client()
     keys = b.keys(_prefix_tokens(2, base=11))

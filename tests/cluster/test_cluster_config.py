@@ -7,6 +7,8 @@ import pytest
 from kvstore.config import load_config
 from kvstore.errors import ConfigError
 
+pytestmark = pytest.mark.unit
+
 
 def test_cluster_defaults_keep_serve_standalone():
     cfg = load_config(env={})

@@ -1,5 +1,5 @@
-"""Metrics of cluster agents: remote gets are timed and counted as `remote` (over a peer link and over
-Ray), pulled bytes move `kvstore_transfer_bytes_total{path="remote_to_cpu"}`, and `kvstore serve
+"""Metrics of cluster agents: remote gets (pulled over the peer link) are timed and counted as `remote`,
+pulled bytes move `kvstore_transfer_bytes_total{path="remote_to_cpu"}`, and `kvstore serve
 --cluster` serves the agent's own endpoint (agent.metrics_address) from the actor process."""
 
 from __future__ import annotations
@@ -17,9 +17,14 @@ import torch
 from kvstore.client import AgentConnection, LocalClient
 from kvstore.metrics import AgentCollector
 
-from ..conftest import SMALL, SMALL_NS, agent_settings, clean_env, small_chunks, tokens, write_config
-from ..test_metrics_agent import scrape, value
-from .conftest import store_only_on_a
+from ..support.agents import agent_settings, clean_env, write_config
+
+from ..support.data import SMALL, small_chunks, SMALL_NS, tokens
+from ..support.metrics import scrape, value
+from ..support.cluster import store_only_on_a
+import pytest
+
+pytestmark = pytest.mark.integration
 
 
 def samples(socket_path: str) -> dict[tuple[str, tuple], float]:
@@ -34,7 +39,7 @@ def samples(socket_path: str) -> dict[tuple[str, tuple], float]:
 
 def test_remote_gets_are_timed_and_counted_as_remote(cluster):
     keys, data = store_only_on_a(cluster, tokens(5, start=77_000_000), small_chunks(5, seed=77))
-    for name in ("b", "c"):  # b pulls over its peer link, c over Ray
+    for name in ("b", "c"):  # each pulls from a over its peer link
         before = samples(cluster[name].socket_path)
         client = cluster[name].client()
         assert torch.equal(client.get(keys), data), name

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvstore.cluster.directory import DirectoryShard, best_tier
+from kvstore.cluster.directory import DirectoryShard
 from kvstore.cluster.placement import owners, replica_targets
-from kvstore.node import DIR_BITS, TIER_CPU, TIER_DISK
+from kvstore.vocab import Tier, TierBits, fastest_tier
+import pytest
+
+pytestmark = pytest.mark.unit
 
 NODES = ["node-a", "node-b", "node-c"]
 
@@ -40,12 +43,12 @@ def test_replica_targets_exclude_the_writer_and_are_distinct():
 def test_directory_shard_apply_drop_and_keep_owned():
     shard = DirectoryShard()
     keys = _keys(300, seed=2)
-    cpu, disk = DIR_BITS[TIER_CPU], DIR_BITS[TIER_DISK]
+    cpu, disk = TierBits.CPU, TierBits.DISK
     shard.apply("node-a", keys, [cpu] * 300)
     shard.apply("node-b", keys[:10], [disk] * 10)
     first = shard.lookup(keys[:1])[0]
     assert first == {"node-a": cpu, "node-b": disk}
-    assert best_tier(cpu | disk) == TIER_CPU and best_tier(disk) == TIER_DISK
+    assert fastest_tier(cpu | disk) == Tier.CPU and fastest_tier(disk) == Tier.DISK
     shard.apply("node-a", keys[:5], [0] * 5)  # node a evicted 5 of them
     assert shard.lookup(keys[:5]) == [{"node-b": disk}] * 5
     assert shard.drop_node("node-b") == 10

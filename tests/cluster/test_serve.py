@@ -15,8 +15,12 @@ from kvstore.client import LocalClient
 from kvstore.control.client import ControlClient
 from kvstore.proto import kvstore_pb2 as pb
 
-from .test_cluster import _is_loopback
-from ..conftest import SMALL, SMALL_NS, agent_settings, clean_env, small_chunks, tokens, write_config
+from ..support.cluster import is_loopback as _is_loopback
+from ..support.agents import agent_settings, clean_env, write_config
+from ..support.data import SMALL, small_chunks, SMALL_NS, tokens
+import pytest
+
+pytestmark = pytest.mark.integration
 
 
 def _free_port() -> int:

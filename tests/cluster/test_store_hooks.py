@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from kvstore.node import DIR_BITS, TIER_CPU, TIER_DISK
+from kvstore.vocab import TierBits
 
-from ..conftest import small_chunks, tokens
+from ..support.data import small_chunks, tokens
+import pytest
 
-CPU, DISK = DIR_BITS[TIER_CPU], DIR_BITS[TIER_DISK]
+pytestmark = pytest.mark.integration
+
+CPU, DISK = TierBits.CPU, TierBits.DISK
 
 
 def test_holdings_changes_and_commits_are_reported(agent):
     changes: dict[bytes, int] = {}
     commits = []
-    agent.store.on_holdings_change = lambda keys, bits: changes.update(zip(keys, bits))
-    agent.store.on_commit = lambda conn, digest, keys: commits.append((conn, digest, list(keys)))
+    agent.store.watch_holdings(lambda keys, bits: changes.update(zip(keys, bits)))
+    agent.store.watch_commits(lambda conn, digest, keys: commits.append((conn, digest, list(keys))))
     client = agent.client()
     keys = client.keys(tokens(4))
     client.put(keys, small_chunks(4))

@@ -15,6 +15,8 @@ from kvstore import models
 from kvstore.connectors.hf import HFKVCache
 from kvstore.errors import InvalidArgument
 
+pytestmark = pytest.mark.e2e
+
 CHUNK = 32  # small chunks: prompts of ~80 tokens span a few of them
 SYSTEM = "You are a careful assistant. Answer in one short sentence, citing the rule you used. " * 2
 

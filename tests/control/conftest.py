@@ -4,33 +4,16 @@ from __future__ import annotations
 
 import re
 import select
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
 
 import pytest
 
 from kvstore.config import load_config
 from kvstore.control.auth import Principal, TokenAuth
-from kvstore.control.client import ControlClient
 from kvstore.control.server import ControlServer
-from kvstore.control.tls import ClientTLS
-from kvstore.keys import Namespace
-from tests.conftest import Agent, agent_settings, clean_env, spawn_agent, stop_agent, write_config
 
-ADMIN, ALICE, BOB = "admin-token", "alice-token", "bob-token"
-NS_A = Namespace(model="test-model", chunk_tokens=16, tenant="a")
-NS_B = Namespace(model="test-model", chunk_tokens=16, tenant="b")
-
-
-@dataclass
-class Control:
-    agent: Agent
-    server: ControlServer
-
-    def client(self, token: str | None = ADMIN, timeout: float = 10.0, tls: ClientTLS | None = None) -> ControlClient:
-        return ControlClient(self.server.address, token, timeout=timeout, tls=tls)
+from ..support.agents import agent_settings, spawn_agent, stop_agent, write_config
+from ..support.control import ADMIN, ALICE, BOB, CLI_TOKEN, Control
 
 
 @pytest.fixture
@@ -58,9 +41,6 @@ def control(start_agent, start_control) -> Control:
     return Control(agent, start_control(agent.socket_path))
 
 
-CLI_TOKEN = "cli-test-token"
-
-
 @pytest.fixture
 def served(tmp_path):
     """A real `kvstore serve` subprocess with its controller on a free loopback port: (socket, address)."""
@@ -80,9 +60,3 @@ def served(tmp_path):
     yield settings["agent.socket_path"], address
     stop_agent(proc)
 
-
-def kvstore(*args: str, token: str | None = CLI_TOKEN) -> subprocess.CompletedProcess:
-    """Run the `kvstore` CLI (a real subprocess) with the test token."""
-    extra = ["--token", token] if token else []
-    return subprocess.run([sys.executable, "-m", "kvstore.cli", *args, *extra], env=clean_env(),
-                          capture_output=True, text=True, timeout=60)

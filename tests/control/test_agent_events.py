@@ -6,10 +6,12 @@ import pytest
 
 from kvstore.client import AgentConnection
 from kvstore.errors import InvalidArgument
-from kvstore.node import TIER_CPU, TIER_DISK
-from tests.conftest import small_chunks, tokens
+from kvstore.vocab import Tier
+from ..support.data import small_chunks, tokens
 
-from .conftest import NS_A, NS_B
+from ..support.control import NS_A, NS_B
+
+pytestmark = pytest.mark.integration
 
 
 def test_events_follow_put_evict_and_clear(agent):
@@ -26,11 +28,11 @@ def test_events_follow_put_evict_and_clear(agent):
     assert reply["dropped"] == 0 and reply["next"] == events[-1]["seq"] == reply["last"]
     assert [e["seq"] for e in events] == list(range(start + 1, start + 1 + len(events)))
     assert all(e["ns"] == NS_A.digest for e in events)
-    stored_cpu = b"".join(e["keys"] for e in events if e["kind"] == "stored" and e["tier"] == TIER_CPU)
-    stored_disk = b"".join(e["keys"] for e in events if e["kind"] == "stored" and e["tier"] == TIER_DISK)
+    stored_cpu = b"".join(e["keys"] for e in events if e["kind"] == "stored" and e["tier"] == Tier.CPU)
+    stored_disk = b"".join(e["keys"] for e in events if e["kind"] == "stored" and e["tier"] == Tier.DISK)
     assert stored_cpu == b"".join(keys) and sorted(stored_disk[i:i + 16] for i in range(0, 48, 16)) == sorted(keys)
     removed = [e for e in events if e["kind"] == "removed"]
-    assert removed[0]["keys"] == keys[0] and removed[0]["tier"] == TIER_CPU
+    assert removed[0]["keys"] == keys[0] and removed[0]["tier"] == Tier.CPU
     assert events[-1]["kind"] == "cleared"
     # paging: at most `limit`, and `next` continues
     first = conn.call("events", {"since": start, "limit": 2})
@@ -44,10 +46,11 @@ def test_events_report_what_fell_out_of_the_buffer(agent):
     keys = [bytes(k) for k in client.keys(tokens(4))]
     for i, key in enumerate(keys):  # one commit (one event) each
         client.put([key], small_chunks(1, seed=i))
-    with agent.store.lock:
-        agent.store._events = type(agent.store._events)(list(agent.store._events)[-2:], maxlen=2)
+    feed = agent.store.directory.events
+    with feed._lock:
+        feed._events = type(feed._events)(list(feed._events)[-2:], maxlen=2)
     reply = agent.store.events(0)
-    assert len(reply["events"]) == 2 and reply["dropped"] == reply["events"][0]["seq"] - 1 > 0
+    assert len(reply.events) == 2 and reply.dropped == reply.events[0]["seq"] - 1 > 0
 
 
 def test_chunks_lists_pages_by_namespace_and_tier(agent):
@@ -67,7 +70,7 @@ def test_chunks_lists_pages_by_namespace_and_tier(agent):
     assert sorted(r[0] for r in rows) == sorted(keys_a) and all(r[1] == NS_A.digest for r in rows)
     assert len(conn.call("chunks", {})["chunks"]) == 7
     agent.store.flush(10)
-    assert len(conn.call("chunks", {"tier": TIER_DISK})["chunks"]) == 7
+    assert len(conn.call("chunks", {"tier": Tier.DISK})["chunks"]) == 7
     with pytest.raises(InvalidArgument):
         conn.call("chunks", {"tier": 9})
     with pytest.raises(InvalidArgument):

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import small_chunks, tokens
+from ..support.data import small_chunks, tokens
 
-from .conftest import NS_A, kvstore
+from ..support.control import kvstore, NS_A
+import pytest
+
+pytestmark = pytest.mark.integration
 
 def test_cli_status_lookup_ls_watch_clear_and_exit_codes(served):
     from kvstore.client import LocalClient
-    from tests.conftest import SMALL
+    from ..support.data import SMALL
 
     socket_path, address = served
     client = LocalClient(NS_A, SMALL, socket_path=socket_path)

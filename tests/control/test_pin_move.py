@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from kvstore.proto import kvstore_pb2 as pb
-from tests.conftest import SMALL, small_chunks, tokens
+from ..support.data import SMALL, small_chunks, tokens
 
-from .conftest import ALICE, BOB, NS_A, NS_B, Control, kvstore
-from .test_server import code_of, put
+from ..support.control import ALICE, BOB, Control, kvstore, NS_A, NS_B
+from ..support.control import code_of, put
+
+pytestmark = pytest.mark.integration
 
 Code = grpc.StatusCode
 CHUNK_BYTES = 128 + SMALL.nbytes  # header + payload: what one SMALL chunk holds in the arena

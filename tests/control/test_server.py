@@ -12,27 +12,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvstore.client import AgentConnection
 from kvstore.proto import kvstore_pb2 as pb
-from tests.conftest import SMALL, small_chunks, tokens
+from ..support.control import ALICE, BOB, NS_A, NS_B, code_of, put
+from ..support.data import SMALL, tokens
 
-from .conftest import ALICE, BOB, NS_A, NS_B
+pytestmark = pytest.mark.integration
 
 Code = grpc.StatusCode
-
-
-def put(agent, namespace, n_stored: int, n_total: int = 8, start: int = 0):
-    """Store the first `n_stored` of `n_total` chunks of a prompt; returns (token ids, keys)."""
-    client = agent.client(namespace)
-    t = tokens(n_total, start)
-    keys = [bytes(k) for k in client.keys(t)]
-    assert client.put(keys[:n_stored], small_chunks(n_stored)).stored == n_stored
-    client.close()
-    return t, keys
-
-
-def code_of(call, *args, **kw) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as info:
-        call(*args, **kw)
-    return info.value.code()
 
 
 def agent_lookup(agent, namespace, keys) -> None:

@@ -18,15 +18,19 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kvstore.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _start_controller, main
+from kvstore.cli import main
+from kvstore.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from kvstore.cli.serve import _start_controller
 from kvstore.config import load_config
 from kvstore.control.tls import ClientTLS
 from kvstore.errors import ConfigError
 from kvstore.proto import kvstore_pb2 as pb
-from tests.conftest import agent_settings
+from ..support.agents import agent_settings
 
-from .conftest import ADMIN, NS_A, Control
-from .test_server import code_of, put
+from ..support.control import ADMIN, Control, NS_A
+from ..support.control import code_of, put
+
+pytestmark = pytest.mark.integration
 
 Code = grpc.StatusCode
 

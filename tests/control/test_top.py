@@ -6,9 +6,14 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import clean_env, small_chunks, tokens
+from ..support.agents import clean_env
 
-from .conftest import ADMIN, NS_A
+from ..support.data import small_chunks, tokens
+
+from ..support.control import ADMIN, NS_A
+import pytest
+
+pytestmark = pytest.mark.integration
 
 
 def top(address: str, *args: str) -> list[str]:

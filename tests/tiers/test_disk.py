@@ -24,6 +24,10 @@ from kvstore.errors import CapacityExhausted, ConfigError, CorruptChunk, Invalid
 from kvstore.layout import Geometry
 from kvstore.tiers.disk import DiskTier
 
+from ..support.disk import flip_byte, padded, records_in, segment_files
+
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[2]
 GEOMETRY = Geometry(layers=2, heads=1, head_dim=8, tokens=16, dtype="float16")
 NAMESPACE = xxhash.xxh3_128_digest(b"model-a")
@@ -66,33 +70,6 @@ def assert_intact(tier: DiskTier, key: bytes, nbytes: int | None = None, namespa
     assert payload == payload_of(key, nbytes)
     assert (header.key, header.namespace, header.codec, header.geometry) == (key, namespace, "lz4", GEOMETRY)
     assert header.has_checksum and not header.is_tombstone
-
-
-def padded(nbytes: int) -> int:
-    return -(-nbytes // PAGE) * PAGE
-
-
-def segment_files(path: Path) -> list[Path]:
-    return sorted(path.glob("seg-*.kvs"))
-
-
-def records_in(segment: Path) -> list[tuple[int, ChunkHeader]]:
-    """(offset, header) of each record, read per docs/disk-format.md."""
-    data = segment.read_bytes()
-    records, offset = [], PAGE
-    while offset < len(data):
-        header = ChunkHeader.unpack(data, offset)
-        records.append((offset, header))
-        offset += padded(header.total_len)
-    return records
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    with open(path, "r+b") as file:
-        file.seek(offset)
-        value = file.read(1)[0]
-        file.seek(offset)
-        file.write(bytes([value ^ 0xFF]))
 
 
 @pytest.fixture
@@ -482,10 +459,10 @@ def _append_until_killed(path: str) -> None:
 
 
 def test_sigkill_mid_stream_loses_nothing_acknowledged(tmp_path):
-    child_code = ("import sys; sys.path.insert(0, sys.argv[2]); "
-                  "from test_disk import _append_until_killed; _append_until_killed(sys.argv[1])")
+    # the child runs this very module's _append_until_killed (the repository on its path)
+    child_code = "import sys; from tests.tiers.test_disk import _append_until_killed; _append_until_killed(sys.argv[1])"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    child = subprocess.Popen([sys.executable, "-c", child_code, str(tmp_path), str(Path(__file__).parent)],
+    child = subprocess.Popen([sys.executable, "-c", child_code, str(tmp_path)],
                              stdout=subprocess.PIPE, env=env, text=True)
     lines = []
     deadline = time.monotonic() + 60

@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvstore.tiers.index import EMPTY, MAX_VALUE, WAYS, CuckooIndex
+from kvstore.shm import EMPTY, MAX_VALUE, WAYS
+from kvstore.tiers.index import CuckooIndex
+
+pytestmark = pytest.mark.unit
 
 
 def random_keys(rng, n: int) -> np.ndarray:
@@ -104,7 +107,7 @@ def test_removed_keys_never_match_and_slots_are_reused():
 
 
 def test_shared_index_is_read_by_another_mapping_and_followed_through_growth(tmp_path):
-    from kvstore.tiers.index import SharedIndexReader
+    from kvstore.shm import SharedIndexReader
 
     rng = np.random.default_rng(3)
     writer = CuckooIndex(8, shm_dir=str(tmp_path))

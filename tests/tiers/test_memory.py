@@ -11,16 +11,17 @@ import zlib
 import numpy as np
 import xxhash
 import pytest
-import torch
 
 from kvstore.codec import HEADER_BYTES, SERIAL_AT
-from kvstore.config import CpuConfig, GpuConfig
+from kvstore.config import CpuConfig
 from kvstore.errors import CapacityExhausted, ChunkTooLarge, ConfigError, InvalidArgument
-from kvstore.tiers.cpu import LOCATION_UNIT, CpuTier, ShmArena, map_arena
-from kvstore.tiers.memory import KEY_HALVES
-from kvstore.tiers.gpu import GpuTier
+from kvstore.shm import LOCATION_UNIT, map_arena
+from kvstore.tiers.cpu import CpuTier, ShmArena
+from kvstore.vocab import KEY_HALVES
 from kvstore.tiers.policy import LRUPolicy, S3FIFOPolicy, make_policy
 from kvstore.tiers.slab import SlabPool, size_class
+
+pytestmark = pytest.mark.unit
 
 KiB, MiB = 1 << 10, 1 << 20
 ARENA = 8 * MiB
@@ -714,67 +715,6 @@ def test_cpu_tier_arena_file_lives_while_open(cpu_tier, tmp_path):
     assert not os.path.exists(tier.arena_path)
 
 
-# ---- GpuTier -------------------------------------------------------------------------------------
-# device="cpu" puts the pool in a CPU tensor: the GPU tier's slab, eviction and copy logic runs without
-# a GPU. Only ipc_handle() is CUDA-specific.
-
-@pytest.fixture
-def gpu_tier():
-    evicted: list[bytes] = []
-    tier = GpuTier(GpuConfig(pool_bytes=4 * MiB), on_evict=evicted.extend, device="cpu", slab_bytes=SLAB)
-    yield tier, evicted
-    tier.close()
-
-
-def tensor_of(k: bytes, nbytes: int) -> torch.Tensor:
-    return torch.frombuffer(bytearray(payload(k, nbytes)), dtype=torch.uint8)
-
-
-def test_gpu_put_get_round_trip(gpu_tier):
-    tier, _ = gpu_tier
-    chunk = tensor_of(b"a_______________", 8192).view(torch.bfloat16).reshape(4, 1024)
-    assert tier.put(b"a_______________", chunk, ns_id=5)
-    view = tier.get(b"a_______________")
-    assert view.dtype == torch.uint8 and torch.equal(view, chunk.reshape(-1).view(torch.uint8))
-    out = torch.zeros(4, 1024, dtype=torch.bfloat16)
-    tier.get(b"a_______________", out=out)
-    assert torch.equal(out.view(torch.uint8), chunk.view(torch.uint8))
-    assert tier.get(b"missing_________") is None
-    assert tier.put(b"a_______________", torch.zeros(8192, dtype=torch.uint8)) is False
-    assert torch.equal(tier.get(b"a_______________"), view) and tier.stats()["used_bytes"] == 8192
-    assert tier.keys_in_namespaces([5]) == [b"a_______________"]
-
-
-def test_gpu_get_into_a_non_contiguous_out():
-    tier = GpuTier(GpuConfig(pool_bytes=4 * MiB), device="cpu", slab_bytes=SLAB)
-    chunk = tensor_of(b"a_______________", 4096)
-    tier.put(b"a_______________", chunk)
-    buffer = torch.zeros(2, 4096, dtype=torch.uint8)
-    out = buffer[:, :2048]
-    tier.get(b"a_______________", out=out)
-    assert torch.equal(out.reshape(-1), chunk)
-
-
-def test_gpu_eviction_under_pressure(gpu_tier):
-    tier, evicted = gpu_tier
-    keys = [key(i) for i in range(20)]
-    for k in keys:
-        assert tier.put(k, tensor_of(k, CHUNK))
-    assert evicted == keys[:4]
-    assert all(tier.get(k) is None for k in keys[:4])
-    for k in keys[4:]:
-        assert torch.equal(tier.get(k), tensor_of(k, CHUNK))
-    tier.pin(tier.find(keys[4:]))
-    with pytest.raises(CapacityExhausted):
-        tier.put(b"one-more", tensor_of(b"x_______________", CHUNK))
-
-
-def test_gpu_ipc_handle_needs_cuda(gpu_tier):
-    tier, _ = gpu_tier
-    with pytest.raises(ConfigError):
-        tier.ipc_handle()
-
-
 def test_keys_sharing_a_low_half_never_alias(cpu_tier):
     """The index probes by the low 64 bits; the high half is verified, so a second key with the same low
     half is refused on insert and is a miss on find — never the first key's chunk."""
@@ -791,8 +731,8 @@ def test_keys_sharing_a_low_half_never_alias(cpu_tier):
 def test_cpu_tier_stamps_and_publishes_each_chunk_and_unstamps_it_before_the_slot_is_freed(cpu_tier):
     """What a client's get without a pin relies on (client.py, _copy_published): a published slot has
     a serial of its own and a location readers can see; a removed or evicted one has neither."""
-    from kvstore.tiers.index import SharedIndexReader
-    from kvstore.tiers.memory import pack_keys
+    from kvstore.shm import SharedIndexReader
+    from kvstore.vocab import pack_keys
 
     tier, evicted = cpu_tier()
     locations = SharedIndexReader(tier.locations.path)  # as a client process maps it

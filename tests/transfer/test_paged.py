@@ -11,6 +11,8 @@ from kvstore.layout import Geometry
 from kvstore.transfer import PagedLayout, UnsupportedLayout, array_backend, gather, scatter
 from kvstore.transfer.kernels import TORCH
 
+pytestmark = pytest.mark.unit
+
 BLOCK, HEADS, DIM, NUM_BLOCKS, LAYERS = 16, 2, 32, 12, 2
 
 # Logical shape of one layer for each layout, and where token `off` of block `blk` lives as [P, H, D]
