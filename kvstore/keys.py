@@ -15,15 +15,14 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterable, NewType, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import xxhash
 
 from .errors import InvalidArgument
+from .vocab import ChunkKey
 
-ChunkKey = NewType("ChunkKey", bytes)  # 16 bytes
-KEY_BYTES = 16
 NAMESPACE_TAG = b"kvstore/ns/v1\x00"
 TOKENS_TAG = b"\x01"
 BLOCKS_TAG = b"\x02"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..errors import InvalidArgument, KVStoreError, NotFound, PermissionDenied
 from ..keys import Namespace
-from ..wire.messages import Register
+from ..wire.messages import List, Register
 from .auth import Principal
 from .fanout import Nodes, answers
 
@@ -24,7 +24,7 @@ class Catalog:
     def namespaces(self, context, refresh: bool = False) -> dict[bytes, dict]:
         """Every namespace registered on a node this controller speaks for: digest -> description."""
         if refresh or not self._descriptions:
-            answered = answers(self.nodes.run("list", context), tolerate=("not_found", "unavailable"))
+            answered = answers(self.nodes.run(context, List()), tolerate=("not_found", "unavailable"))
             listed = [ns for namespaces in answered.values() for ns in namespaces]
             self._geometries = {ns["digest"]: ns["geometry"] for ns in listed}
             self._descriptions = {ns["digest"]: ns["description"] for ns in listed}

@@ -57,18 +57,25 @@ class Nodes:
             return [self.host]
         return self.request(Hello(PROTOCOL_VERSION), HelloReply, context).members
 
-    def run(self, op: str, context, args: dict | None = None, calls: dict[str, dict] | None = None
+    def run(self, context, everywhere: Request | None = None, calls: dict[str, Request] | None = None
             ) -> dict[str, list]:
-        """Run agent op `op` at once on the nodes: with `calls` (node -> args) on those nodes, else with
-        `args` on every node. Node -> wire reply (["ok", result] or ["err", code, message]); a node that
-        is not a member: not_found."""
+        """Run an agent op at once on the nodes: `calls` (node -> request, one op) on those nodes, else the
+        request `everywhere` on every node. Node -> wire reply (["ok", result] or ["err", code, message]);
+        a node that is not a member: not_found."""
+        if calls is None:
+            op, args, per_node = everywhere.OP.value, everywhere.to_wire(), None
+        elif not calls:
+            return {}
+        else:
+            op = next(iter(calls.values())).OP.value
+            per_node = {node: request.to_wire() for node, request in calls.items()}
         timeout = self.timeout(context)
         if self.pool.is_cluster(timeout):
-            request = OnMembers(op, args=(args or {}) if calls is None else None, calls=calls,
+            request = OnMembers(op, args=args if per_node is None else None, calls=per_node,
                                 timeout=max(0.0, timeout - _DEADLINE_MARGIN_S))
             return self.pool.request(request, None, timeout)
         replies = {}
-        for node, node_args in (calls if calls is not None else {self.host: args or {}}).items():
+        for node, node_args in (per_node if per_node is not None else {self.host: args}).items():
             if node != self.host:
                 replies[node] = error_reply(NotFound(f"not this controller's node ({self.host})"))
                 continue
@@ -81,24 +88,25 @@ class Nodes:
         return replies
 
 
-def answers(replies: dict[str, list], tolerate: tuple[str, ...] = ("not_found",)) -> dict[str, Any]:
-    """node -> result of the nodes whose reply is ok. An error whose code is in `tolerate` leaves its node
-    out (not_found: the node does not know the namespace, so holds nothing of it). Any other error is
-    raised as its own type, naming the node (and how many nodes did answer)."""
+def answers(replies: dict[str, list], reply: type[Reply] | None = None,
+            tolerate: tuple[str, ...] = ("not_found",)) -> dict[str, Any]:
+    """node -> result (decoded as `reply`, when given) of the nodes whose reply is ok. An error whose code is
+    in `tolerate` leaves its node out (not_found: the node does not know the namespace, so holds nothing of
+    it). Any other error is raised as its own type, naming the node (and how many nodes did answer)."""
     ok: dict[str, Any] = {}
-    for node, reply in sorted(replies.items()):
-        if reply[0] == "ok":
-            ok[node] = reply[1]
-        elif reply[1] not in tolerate:
+    for node, result in sorted(replies.items()):
+        if result[0] == "ok":
+            ok[node] = result[1] if reply is None else reply.decode(result[1])
+        elif result[1] not in tolerate:
             answered = sum(1 for r in replies.values() if r[0] == "ok")
             done = f" ({answered} of {len(replies)} nodes answered)" if len(replies) > 1 else ""
-            raise ERRORS_BY_CODE.get(reply[1], KVStoreError)(f"node {node}: {reply[2]}{done}")
+            raise ERRORS_BY_CODE.get(result[1], KVStoreError)(f"node {node}: {result[2]}{done}")
     return ok
 
 
-def summed(results: dict[str, dict]) -> Counter:
-    """Per-node count dicts added up."""
+def summed(results: dict[str, Reply]) -> Counter:
+    """Per-node replies of counts added up, field by field."""
     total: Counter = Counter()
     for counts in results.values():
-        total.update({k: v for k, v in counts.items() if isinstance(v, int)})
+        total.update({k: v for k, v in counts.to_wire().items() if isinstance(v, int)})
     return total

@@ -19,7 +19,8 @@ from ..proto import kvstore_pb2_grpc as pb_grpc
 from ..proto.tiers import FROM_PB, TO_PB
 from ..vocab import BIT_OF_TIER, Tier, key_count, pack_keys, pick_keys, stored_prefix
 from ..wire.framing import PROTOCOL_VERSION
-from ..wire.messages import Hello, Lookup, LookupReply, Move, MoveReply, Prefetch
+from ..wire.messages import (Chunks, ChunksReply, Clear, Evict, EvictReply, Hello, Lookup, LookupReply, Move,
+                             MoveReply, Pin, PinReply, Prefetch, Pull, PullReply, Stats, Unpin, UnpinReply)
 from .auth import Principal, TokenAuth
 from .catalog import Catalog
 from .events import watch
@@ -100,7 +101,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         visible = self.catalog.visible(principal, context)
         namespaces = [pb.NamespaceInfo(digest=d, description={k: str(v) for k, v in desc.items()})
                       for d, desc in visible.items()]
-        answered = [(node, reply[1]) for node, reply in self.nodes.run("stats", context).items() if reply[0] == "ok"]
+        answered = [(node, reply[1]) for node, reply in self.nodes.run(context, Stats()).items() if reply[0] == "ok"]
         # the namespaces are those the agent in front of us knows (its node comes first)
         return pb.StatsResponse(nodes=[_node_stats(node, stats, namespaces if i == 0 else [])
                                        for i, (node, stats) in enumerate(answered)])
@@ -114,7 +115,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
                                      nodes={self.nodes.host: reason})
         if not self.nodes.is_cluster(context):
             return pb.HealthResponse(status=pb.HealthResponse.SERVING, nodes={self.nodes.host: "serving"})
-        hellos = self.nodes.run("hello", context, Hello(PROTOCOL_VERSION).to_wire())  # not every member's stats
+        hellos = self.nodes.run(context, Hello(PROTOCOL_VERSION))  # not every member's whole stats
         nodes = {node: "serving" if reply[0] == "ok" else reply[2] for node, reply in hellos.items()}
         down = sorted(node for node, state in nodes.items() if state != "serving")
         # The controller serves while its own agent does; members that did not answer are named.
@@ -137,10 +138,9 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         page_size = request.page_size or 1000
         if page_size > MAX_PAGE:
             raise InvalidArgument(f"page_size {page_size} exceeds {MAX_PAGE}")
-        args: dict = {"tier": int(FROM_PB[request.tier]), "pinned": request.pinned_only}
         if request.namespace:
             self.catalog.describe(request.namespace, principal, context)
-            args["ns"] = request.namespace
+        tier, namespace = int(FROM_PB[request.tier]), request.namespace or None
         # Nodes are listed one after another, in node order; the page token is "<node>:<position>".
         nodes = self.nodes.names(context)
         if request.node:
@@ -158,14 +158,14 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             # One node at a time, for the room left: a node's listing scans what it holds, so a node
             # whose rows could not fit on this page is not asked.
             first = start if n == node else 0
-            call = {**args, "start": first, "limit": page_size - len(chunks)}
-            reply = answers(self.nodes.run("chunks", context, calls={n: call}), tolerate).get(n)
+            call = Chunks(namespace, tier, first, page_size - len(chunks), request.pinned_only)
+            reply = answers(self.nodes.run(context, calls={n: call}), ChunksReply, tolerate).get(n)
             if reply is None:
                 continue
             chunks += [pb.ChunkInfo(hash=key, namespace=ns, node=n, tiers=_PB_TIERS_OF_BITS[bits])
-                       for key, ns, bits in reply["chunks"] if visible is None or ns in visible]
-            if reply["next"]:  # rows left on this node: the next page goes on from there
-                return pb.ListChunksResponse(chunks=chunks, next_page_token=f"{n}:{reply['next']}")
+                       for key, ns, bits in reply.chunks if visible is None or ns in visible]
+            if reply.next:  # rows left on this node: the next page goes on from there
+                return pb.ListChunksResponse(chunks=chunks, next_page_token=f"{n}:{reply.next}")
             if len(chunks) == page_size:  # full, this node done: the next page starts at the next node
                 later = nodes[i + 1:]
                 return pb.ListChunksResponse(chunks=chunks, next_page_token=f"{later[0]}:0" if later else "")
@@ -179,7 +179,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         if unknown:
             raise InvalidArgument(f"Evict takes tiers TIER_CPU and TIER_DISK, not {unknown}")
         tiers = [_LOCAL_TIERS[t] for t in request.tiers] or ["cpu", "disk"]
-        counts = summed(answers(self.nodes.run("evict", context, {"ns": digest, "keys": blob, "tiers": tiers})))
+        counts = summed(answers(self.nodes.run(context, Evict(digest, blob, tiers)), EvictReply))
         return pb.EvictResponse(cpu_chunks=counts["cpu"], disk_chunks=counts["disk"], pinned_chunks=counts["pinned"])
 
     @rpc
@@ -197,7 +197,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             raise InvalidArgument("Clear needs a namespace or a tenant")
         cpu = disk = 0
         for digest in digests:
-            counts = summed(answers(self.nodes.run("clear", context, {"ns": digest})))
+            counts = summed(answers(self.nodes.run(context, Clear(digest)), EvictReply))
             cpu, disk = cpu + counts["cpu"], disk + counts["disk"]
         return pb.ClearResponse(namespaces=len(digests), cpu_chunks=cpu, disk_chunks=disk)
 
@@ -207,36 +207,36 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         if request.lease:
             return self._renew(request, context, principal)
         digest, blob, _ = self.keys(request.query, principal, context)
-        replies = self.nodes.run("pin", context, {"ns": digest, "keys": blob, "ttl": request.ttl_s})
-        leases = {node: reply[1]["lease"] for node, reply in replies.items() if reply[0] == "ok" and reply[1]["lease"]}
+        replies = self.nodes.run(context, Pin(digest, request.ttl_s, keys=blob))
+        pins = {node: PinReply.decode(reply[1]) for node, reply in replies.items() if reply[0] == "ok"}
+        leases = {node: pin.lease for node, pin in pins.items() if pin.lease}
         failed = {node: reply for node, reply in replies.items() if reply[0] != "ok" and reply[1] != "not_found"}
         if failed:  # all or nothing, as on one agent: what did pin is unpinned, then the error is raised
-            self.nodes.run("unpin", context, calls={node: {"ns": digest, "lease": lid} for node, lid in leases.items()})
+            self.nodes.run(context, calls={node: Unpin(lid, digest) for node, lid in leases.items()})
             answers(failed)
-        return pb.PinResponse(pinned_chunks=sum(replies[node][1]["pinned"] for node in leases),
+        return pb.PinResponse(pinned_chunks=sum(pins[node].pinned for node in leases),
                               lease=self._lease(digest, leases, context))
 
     def _renew(self, request, context, principal):
         """Pin with `lease`: that lease, on every node it holds chunks on, lasts `ttl_s` from now."""
         digest, leases = parse_lease(request.lease, lambda: self.nodes.own_node(context))
         self.catalog.describe(digest, principal, context)
-        renewed = self._on_lease("pin", request.lease, digest, leases, context, key="renew", ttl=request.ttl_s)
-        return pb.PinResponse(pinned_chunks=sum(reply["pinned"] for reply in renewed.values()),
+        renewed = self._on_lease(request.lease, leases, context, PinReply,
+                                 lambda lid: Pin(digest, request.ttl_s, renew=lid))
+        return pb.PinResponse(pinned_chunks=sum(reply.pinned for reply in renewed.values()),
                               lease=self._lease(digest, {node: leases[node] for node in renewed}, context))
 
     @rpc
     def Unpin(self, request, context, principal):
         digest, leases = parse_lease(request.lease, lambda: self.nodes.own_node(context))
         self.catalog.describe(digest, principal, context)
-        self._on_lease("unpin", request.lease, digest, leases, context, key="lease")
+        self._on_lease(request.lease, leases, context, UnpinReply, lambda lid: Unpin(lid, digest))
         return pb.UnpinResponse()
 
-    def _on_lease(self, op: str, lease: str, digest: bytes, leases: dict[str, int], context, key: str,
-                  **args) -> dict[str, dict]:
-        """Agent op `op` on every node of a lease, with that node's lease id as arg `key`: the replies of
-        the nodes where it is still live (NotFound if none)."""
-        live = answers(self.nodes.run(op, context, calls={node: {"ns": digest, key: lid, **args}
-                                                          for node, lid in leases.items()}))
+    def _on_lease(self, lease: str, leases: dict[str, int], context, reply: type, request) -> dict:
+        """`request(lid)` on every node of a lease, with that node's lease id: the replies of the nodes
+        where it is still live (NotFound if none)."""
+        live = answers(self.nodes.run(context, calls={node: request(lid) for node, lid in leases.items()}), reply)
         if not live:
             raise NotFound(f"pin lease {lease} is unknown, expired or released")
         return live
@@ -264,21 +264,20 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         """Move to another cluster member: it pulls every chunk of the prompt some node holds, moves them
         into `tier` there; then the other nodes drop the chunks the target holds (pinned ones stay)."""
         # the namespace is known here (described by keys()): register it on the target, a no-op if it is
-        register = self.catalog.registration(digest).to_wire()
-        answers(self.nodes.run("register", context, calls={target: register}), tolerate=())
-        pulled = answers(self.nodes.run("pull", context, calls={target: {"ns": digest, "keys": blob}}), tolerate=())
-        held = np.flatnonzero(np.frombuffer(pulled[target]["tiers"], dtype=np.uint8) != Tier.NONE)
+        answers(self.nodes.run(context, calls={target: self.catalog.registration(digest)}), tolerate=())
+        pulled = answers(self.nodes.run(context, calls={target: Pull(digest, blob)}), PullReply, tolerate=())
+        held = np.flatnonzero(np.frombuffer(pulled[target].tiers, dtype=np.uint8) != Tier.NONE)
         if not held.size:
             return pb.MoveResponse()
         held_blob = pick_keys(blob, held)
         left = max(0.0, self.nodes.margin(context) - 0.1)
-        moved = answers(self.nodes.run("move", context, calls={target: {"ns": digest, "keys": held_blob, "tier": tier,
-                                                                        "timeout": left}}), tolerate=())
+        moved = answers(self.nodes.run(context, calls={target: Move(digest, held_blob, tier, left)}), MoveReply,
+                        tolerate=())
         others = [node for node in self.nodes.names(context) if node != target]
         # a node that is down keeps its copies (no harm: the target's are the same bytes)
-        answers(self.nodes.run("evict", context, calls={node: {"ns": digest, "keys": held_blob} for node in others}),
+        answers(self.nodes.run(context, calls={node: Evict(digest, held_blob) for node in others}),
                 tolerate=("not_found", "unavailable"))
-        return pb.MoveResponse(moved_chunks=moved[target]["moved"])
+        return pb.MoveResponse(moved_chunks=moved[target].moved)
 
     @rpc
     def Prefetch(self, request, context, principal):
