@@ -85,10 +85,11 @@ def run(args: argparse.Namespace) -> dict:
             b.evict(keys, tiers=("cpu",))
             b.flush(timeout=60)  # B's eviction reaches the directory before the next pull
             start = time.perf_counter()
-            got = b.get(keys, out=out)
+            result = b.read(keys, out=out)
             remote.append(time.perf_counter() - start)
+            got = result.chunks
             if got.shape[0] != per_get or not torch.equal(got, chunks):
-                raise RuntimeError(f"remote get returned {got.shape[0]} chunks: {b.last_miss_reasons}")
+                raise RuntimeError(f"remote get returned {got.shape[0]} chunks: {result.misses}")
             start = time.perf_counter()
             a.get(keys, out=out)
             local.append(time.perf_counter() - start)

@@ -30,6 +30,7 @@ from kvstore.client import LocalClient
 from kvstore.keys import Namespace
 from kvstore.layout import Geometry
 from kvstore.wire.framing import PROTOCOL_VERSION
+from kvstore.wire.messages import Hello, HelloReply, Lookup, LookupReply
 
 from kvstore.testing.agents import agent_process
 
@@ -85,7 +86,7 @@ def _lookup_samples(client: LocalClient, prompts: int, rng: np.random.Generator,
 
     def lookup(keys) -> int:
         if rpc:
-            return client._call("lookup", {"ns": ns, "keys": b"".join(keys)})["matched"]
+            return client.conn.request(Lookup(ns, b"".join(keys)), LookupReply).matched
         return client.lookup(keys).chunks
 
     def found_all(matched: int) -> None:
@@ -139,9 +140,9 @@ def run(args) -> dict:
             largest = agents[-1]  # its memory per chunk
             chunks = result[f"chunks_indexed_{_label(largest.size)}"]
             time.sleep(3.0)  # steady state: the agent trims freed request garbage every few seconds
-            hello = largest.client.conn.call("hello", {"version": PROTOCOL_VERSION})  # the current files
-            directory_bytes = os.path.getsize(hello["directory_path"])
-            locations_bytes = os.path.getsize(hello["locations_path"])
+            hello = largest.client.conn.request(Hello(PROTOCOL_VERSION), HelloReply)  # the current files
+            directory_bytes = os.path.getsize(hello.directory_path)
+            locations_bytes = os.path.getsize(hello.locations_path)
             private = _rss_anon(largest.proc.pid) - largest.rss_before
             result["index_bytes_per_chunk"] = round((private + directory_bytes + locations_bytes) / chunks, 1)
             result["agent_private_bytes_per_chunk"] = round(private / chunks, 1)

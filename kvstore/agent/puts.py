@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -35,8 +35,7 @@ from .writebehind import WriteBehind
 CommitListener = Callable[[int, bytes, list[bytes]], None]  # (connection, namespace digest, keys stored)
 
 
-@dataclass(frozen=True)
-class _Slot:
+class _Slot(NamedTuple):  # a tuple: a put of thousands of chunks makes thousands of these
     index: int  # in the request (for a credit: the slot's position)
     key: bytes | None  # None: a credit slot not named yet
     offset: int

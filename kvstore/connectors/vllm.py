@@ -35,8 +35,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from ..errors import InvalidArgument, KVStoreError
-from ..keys import Namespace, chunk_keys, fold_block_hashes
-from ..layout import Geometry, default_chunk_tokens, dtype_name, torch_dtype
+from ..keys import chunk_keys, fold_block_hashes
+from ..layout import dtype_name, torch_dtype
 from .core import STAT_FIELDS, AgentLink, LoadSpec, PagedTransfer, SaveSpec, StoreSettings
 
 if TYPE_CHECKING:
@@ -78,16 +78,9 @@ def settings_from_vllm(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfi
         raise InvalidArgument(f"KVStoreConnector supports models with one KV cache group (full attention); "
                               f"this model has {len(groups)}")
     block_size = cache_config.block_size
-    chunk_tokens = int(extra.get("chunk_tokens") or default_chunk_tokens(block_size))
-    if chunk_tokens <= 0 or chunk_tokens % block_size:
-        raise InvalidArgument(f"chunk_tokens ({chunk_tokens}) must be a positive multiple of the engine's "
-                              f"block_size ({block_size})")
     cache_dtype = cache_config.cache_dtype
     kv_dtype = dtype_name(model_config.dtype if cache_dtype == "auto" else cache_dtype)
-    model_id = str(extra.get("model_id") or model_config.model)
     key_source = str(extra.get("key_source", "auto"))
-    if key_source not in ("auto", "block_hashes", "tokens"):
-        raise InvalidArgument(f"key_source must be auto, block_hashes or tokens, not {key_source!r}")
     problem = hash_settings_problem(vllm_config)
     if key_source == "auto":
         if problem:
@@ -97,23 +90,19 @@ def settings_from_vllm(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfi
         key_source = "tokens" if problem else "block_hashes"
     elif key_source == "block_hashes" and problem:
         log.warning("kvstore: %s; other engine processes will not hit this one's chunks", problem)
-    mla = bool(getattr(model_config, "use_mla", False))
     head_dim = model_config.get_head_size()
     page_format = cpu_page_format(vllm_config, kv_dtype, block_size, head_dim)
-    layers = len(groups[0].layer_names)
-    heads = 1 if mla else model_config.get_num_kv_heads(parallel)
-    namespace = Namespace(
-        model=model_id, kv_dtype=kv_dtype, layout=page_format or "canonical",
+    return StoreSettings.for_engine(
+        model_id=str(extra.get("model_id") or model_config.model), kv_dtype=kv_dtype,
+        layout=page_format or "canonical", layers=len(groups[0].layer_names),
+        kv_heads=model_config.get_num_kv_heads(parallel), head_dim=head_dim,
+        mla=bool(getattr(model_config, "use_mla", False)), block_size=block_size,
+        chunk_tokens=int(extra.get("chunk_tokens") or 0),
         tp_rank=parallel.rank % max(parallel.tensor_parallel_size, 1) if hasattr(parallel, "rank") else 0,
         tp_size=parallel.tensor_parallel_size, pp_size=parallel.pipeline_parallel_size,
-        tenant=str(extra.get("tenant", "")), chunk_tokens=chunk_tokens)
-    geometry = Geometry(layers=layers, heads=heads, head_dim=head_dim, tokens=chunk_tokens,
-                        planes=1 if mla else 2, dtype=kv_dtype)
-    transfer = vllm_config.kv_transfer_config
-    return StoreSettings(namespace=namespace, geometry=geometry, block_size=block_size,
-                         socket_path=extra.get("socket_path"), codec=str(extra.get("codec", "raw")),
-                         save=bool(transfer.is_kv_producer), opaque_pages=page_format is not None,
-                         key_source=key_source)
+        tenant=str(extra.get("tenant", "")), socket_path=extra.get("socket_path"),
+        codec=str(extra.get("codec", "raw")), save=bool(vllm_config.kv_transfer_config.is_kv_producer),
+        opaque_pages=page_format is not None, key_source=key_source)
 
 
 def cpu_page_format(vllm_config: "VllmConfig", kv_dtype: str, block_size: int, head_size: int) -> str | None:
